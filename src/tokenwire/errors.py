@@ -1,0 +1,150 @@
+"""One exception tree for tokenwire.
+
+Foreign exceptions (llama.cpp, httpx, redis) are translated into this tree at the edge of the
+module that calls them (``raise … from exc``); ``server/`` maps the tree to HTTP statuses and
+error events exactly once.
+
+    TokenwireError
+    ├── RequestError                 the caller's fault: 4xx before any output
+    │   ├── InvalidRequest           400  malformed body, wrong types, bad values
+    │   ├── ContextLengthExceeded    400  the prompt does not fit the model's context
+    │   ├── AuthenticationFailed     401
+    │   ├── StreamNotFound           404  unknown stream, or another key's stream
+    │   ├── ModelNotFound            404
+    │   ├── StreamExpired            410  the stream was evicted after its TTL
+    │   ├── PayloadTooLarge          413
+    │   └── Overloaded               429  queue full / rate limited (carries retry_after)
+    ├── BackendError                 the model side failed
+    │   ├── BackendUnavailable       503  connection refused, 5xx, timeouts
+    │   ├── BackendProtocolError     502  malformed upstream output
+    │   └── BackendTimeout           504  no token within the idle timeout
+    ├── StreamInterrupted            client side: the stream broke and retries were spent
+    └── JournalError                 the journal (memory, Redis) failed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationFailed",
+    "BackendError",
+    "BackendProtocolError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ContextLengthExceeded",
+    "InvalidRequest",
+    "JournalError",
+    "ModelNotFound",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestError",
+    "StreamExpired",
+    "StreamInterrupted",
+    "StreamNotFound",
+    "TokenwireError",
+]
+
+
+class TokenwireError(Exception):
+    """Root of every error tokenwire raises on purpose."""
+
+    status_code: int = 500
+    #: Short machine-readable kind, used as the ``type`` of error events.
+    error_type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"type": self.error_type, "message": self.message, "code": self.code}
+
+
+class RequestError(TokenwireError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class InvalidRequest(RequestError):
+    pass
+
+
+class ContextLengthExceeded(RequestError):
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class AuthenticationFailed(RequestError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class StreamNotFound(RequestError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class ModelNotFound(RequestError):
+    status_code = 404
+    error_type = "not_found_error"
+
+    def __init__(self, model: str):
+        super().__init__(
+            f"The model '{model}' does not exist or is not served here.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class StreamExpired(RequestError):
+    status_code = 410
+    error_type = "not_found_error"
+
+
+class PayloadTooLarge(RequestError):
+    status_code = 413
+
+
+class Overloaded(RequestError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class BackendError(TokenwireError):
+    status_code = 502
+    error_type = "backend_error"
+
+
+class BackendUnavailable(BackendError):
+    status_code = 503
+    error_type = "backend_unavailable"
+
+
+class BackendProtocolError(BackendError):
+    status_code = 502
+    error_type = "backend_protocol_error"
+
+
+class BackendTimeout(BackendError):
+    status_code = 504
+    error_type = "backend_timeout"
+
+
+class StreamInterrupted(TokenwireError):
+    """Raised by the client when a stream broke and resume attempts were spent."""
+
+    error_type = "stream_interrupted"
+
+    def __init__(self, message: str, *, partial_text: str = "", last_event_id: int = -1):
+        super().__init__(message)
+        self.partial_text = partial_text
+        self.last_event_id = last_event_id
+
+
+class JournalError(TokenwireError):
+    error_type = "journal_error"

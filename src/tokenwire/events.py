@@ -1,0 +1,166 @@
+"""The typed events every stream is made of (DESIGN.md, "the lingua franca").
+
+A response is a numbered log of these events. Backends and stages produce them without a
+``seq``; the journal numbers them (0, 1, 2 …) as it appends. Protocols render them; nothing
+else formats wire output.
+
+Every stream ends with exactly one terminal event: ``stream.completed``,
+``stream.cancelled`` or ``stream.failed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "TERMINAL_TYPES",
+    "Event",
+    "JsonPartial",
+    "Progress",
+    "StreamCancelled",
+    "StreamCompleted",
+    "StreamFailed",
+    "StreamStarted",
+    "TextDelta",
+    "ToolCallCompleted",
+    "ToolCallDelta",
+    "ToolCallStarted",
+    "Usage",
+    "event_from_dict",
+]
+
+
+@dataclass(slots=True, kw_only=True)
+class Event:
+    """Base of all events. ``seq`` is -1 until the journal assigns it."""
+
+    type: ClassVar[str] = "event"
+    terminal: ClassVar[bool] = False
+
+    seq: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as plain JSON-able data: ``{"type", "seq", …fields}``."""
+        data: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            data[f.name] = getattr(self, f.name)
+        return data
+
+
+@dataclass(slots=True, kw_only=True)
+class StreamStarted(Event):
+    type: ClassVar[str] = "stream.started"
+    id: str
+    model: str
+    created: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Progress(Event):
+    """A background step: queueing, prefill, a tool running…"""
+
+    type: ClassVar[str] = "progress"
+    stage: str
+    message: str = ""
+    position: int | None = None
+    fraction: float | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class TextDelta(Event):
+    type: ClassVar[str] = "text.delta"
+    text: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolCallStarted(Event):
+    type: ClassVar[str] = "tool_call.started"
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolCallDelta(Event):
+    type: ClassVar[str] = "tool_call.delta"
+    index: int
+    arguments_delta: str
+
+
+@dataclass(slots=True, kw_only=True)
+class ToolCallCompleted(Event):
+    """Emitted only once the arguments are complete and validated."""
+
+    type: ClassVar[str] = "tool_call.completed"
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, kw_only=True)
+class JsonPartial(Event):
+    type: ClassVar[str] = "json.partial"
+    value: Any
+    path: str = ""
+
+
+@dataclass(slots=True, kw_only=True)
+class Usage(Event):
+    type: ClassVar[str] = "usage"
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None = None
+    tokens_per_second: float | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class StreamCompleted(Event):
+    type: ClassVar[str] = "stream.completed"
+    terminal: ClassVar[bool] = True
+    finish_reason: str = "stop"  # stop | length | tool_calls | content_filter
+
+
+@dataclass(slots=True, kw_only=True)
+class StreamCancelled(Event):
+    type: ClassVar[str] = "stream.cancelled"
+    terminal: ClassVar[bool] = True
+    reason: str = "stop"  # stop | disconnect | shutdown
+
+
+@dataclass(slots=True, kw_only=True)
+class StreamFailed(Event):
+    """Terminal failure; the partial output already journaled stays readable."""
+
+    type: ClassVar[str] = "stream.failed"
+    terminal: ClassVar[bool] = True
+    error: dict[str, Any] = field(default_factory=dict)  # {type, message, code}
+
+
+_EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        StreamStarted,
+        Progress,
+        TextDelta,
+        ToolCallStarted,
+        ToolCallDelta,
+        ToolCallCompleted,
+        JsonPartial,
+        Usage,
+        StreamCompleted,
+        StreamCancelled,
+        StreamFailed,
+    )
+}
+
+TERMINAL_TYPES = frozenset(name for name, cls in _EVENT_TYPES.items() if cls.terminal)
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    """Inverse of :meth:`Event.to_dict` (used by journals that serialize events)."""
+    fields = dict(data)
+    cls = _EVENT_TYPES[fields.pop("type")]
+    return cls(**fields)

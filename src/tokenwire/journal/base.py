@@ -1,0 +1,86 @@
+"""The Journal interface: append numbered events, read them back and follow live.
+
+A journal promises, per stream:
+- ``append`` numbers events 0, 1, 2 … in the order it is called (one producer per stream);
+- ``read(after=n)`` yields every event with ``seq > n`` exactly once, in order, first the
+  replay and then live ones as they are appended, with no gap and no duplicate at the seam,
+  and returns after the terminal event;
+- a finished stream stays readable for ``ttl`` seconds, then reads raise ``StreamExpired``;
+  a stream it never saw raises ``StreamNotFound``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenwire.events import Event
+
+__all__ = ["Journal", "StreamMeta"]
+
+
+@dataclass(slots=True, kw_only=True)
+class StreamMeta:
+    """What a reader needs to render a stream in the protocol it was started in."""
+
+    id: str
+    model: str
+    protocol: str  # "openai_chat" | "anthropic_messages" | "native"
+    created: int
+    owner: str | None = None
+    #: Protocol options fixed at start (e.g. include_usage); stored so resumes render alike.
+    render: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "protocol": self.protocol,
+            "created": self.created,
+            "owner": self.owner,
+            "render": self.render,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamMeta:
+        return cls(**data)
+
+
+class Journal(abc.ABC):
+    """One method per job; ``MemoryJournal`` is the reference implementation."""
+
+    @abc.abstractmethod
+    async def create(self, meta: StreamMeta) -> None:
+        """Register a new stream before its first event."""
+
+    @abc.abstractmethod
+    async def append(self, stream_id: str, event: Event) -> int:
+        """Number ``event`` (sets ``event.seq``), store it, wake readers; returns the seq."""
+
+    @abc.abstractmethod
+    def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
+        """Replay events with ``seq > after``, then follow live until the terminal event."""
+
+    @abc.abstractmethod
+    async def meta(self, stream_id: str) -> StreamMeta:
+        """The stream's metadata; raises ``StreamNotFound`` or ``StreamExpired``."""
+
+    async def signal_cancel(self, stream_id: str, reason: str) -> None:  # noqa: B027
+        """Ask whichever process produces ``stream_id`` to cancel it (cross-replica)."""
+
+    def cancel_requests(self) -> AsyncIterator[tuple[str, str]] | None:
+        """Cancel signals addressed to streams this process may produce, or None if the
+        journal is process-local (the stream manager then cancels directly)."""
+        return None
+
+    async def start(self) -> None:  # noqa: B027
+        """Connect and start background work (retention sweeps, liveness)."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Flush and release resources."""
+
+    def stats(self) -> dict[str, int]:
+        """Sizes for /metrics: streams held, events held."""
+        return {}

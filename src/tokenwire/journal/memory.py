@@ -1,0 +1,116 @@
+"""The in-process journal: the default, and the reference for the others.
+
+Readers wait on a per-stream future that the next append resolves, so a stream with many
+readers costs one future per append, not one wake-up task per reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from tokenwire.errors import StreamExpired, StreamNotFound
+from tokenwire.events import Event
+from tokenwire.journal.base import Journal, StreamMeta
+
+__all__ = ["MemoryJournal"]
+
+
+class _Log:
+    __slots__ = ("_changed", "events", "finished_at", "meta")
+
+    def __init__(self, meta: StreamMeta) -> None:
+        self.meta = meta
+        self.events: list[Event] = []
+        self.finished_at: float | None = None
+        self._changed: asyncio.Future[None] | None = None
+
+    def notify(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    def changed(self) -> asyncio.Future[None]:
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+
+class MemoryJournal(Journal):
+    def __init__(
+        self,
+        *,
+        ttl: float = 600.0,
+        max_finished: int = 10_000,
+        max_tombstones: int = 100_000,
+    ) -> None:
+        self.ttl = ttl
+        self.max_finished = int(max_finished)
+        self.max_tombstones = int(max_tombstones)
+        self._logs: dict[str, _Log] = {}
+        self._finished: OrderedDict[str, float] = OrderedDict()  # id -> finished_at, oldest first
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # evicted ids, to answer 410
+
+    async def create(self, meta: StreamMeta) -> None:
+        self._logs[meta.id] = _Log(meta)
+        self.evict()
+
+    async def append(self, stream_id: str, event: Event) -> int:
+        log = self._logs[stream_id]
+        event.seq = len(log.events)
+        log.events.append(event)
+        if event.terminal:
+            log.finished_at = time.monotonic()
+            self._finished[stream_id] = log.finished_at
+        log.notify()
+        return event.seq
+
+    def _log(self, stream_id: str) -> _Log:
+        log = self._logs.get(stream_id)
+        if log is not None:
+            return log
+        if stream_id in self._tombstones:
+            raise StreamExpired(
+                f"Stream '{stream_id}' has expired: finished streams are kept for {self.ttl:g}s."
+            )
+        raise StreamNotFound(f"No stream with id '{stream_id}'.")
+
+    async def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
+        log = self._log(stream_id)
+        index = max(after + 1, 0)
+        while True:
+            events = log.events
+            while index < len(events):
+                event = events[index]
+                index += 1
+                yield event
+                if event.terminal:
+                    return
+            await log.changed()
+
+    async def meta(self, stream_id: str) -> StreamMeta:
+        return self._log(stream_id).meta
+
+    def evict(self, now: float | None = None) -> int:
+        """Drop finished streams past their TTL or beyond the count bound, oldest first."""
+        now = time.monotonic() if now is None else now
+        evicted = 0
+        while self._finished:
+            stream_id, finished_at = next(iter(self._finished.items()))
+            if now - finished_at < self.ttl and len(self._finished) <= self.max_finished:
+                break
+            del self._finished[stream_id]
+            self._logs.pop(stream_id, None)
+            self._tombstones[stream_id] = None
+            evicted += 1
+        while len(self._tombstones) > self.max_tombstones:
+            self._tombstones.popitem(last=False)
+        return evicted
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "streams": len(self._logs),
+            "events": sum(len(log.events) for log in self._logs.values()),
+        }

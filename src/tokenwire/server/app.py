@@ -1,0 +1,278 @@
+"""HTTP routes: parse with a protocol, start or read a stream, frame with a transport.
+
+This is the one place where ``errors.py`` exceptions become HTTP statuses and error bodies
+(in the shape of the protocol being spoken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive
+
+from tokenwire.backends.base import Backend
+from tokenwire.config import Settings
+from tokenwire.errors import InvalidRequest, Overloaded, TokenwireError
+from tokenwire.events import Event
+from tokenwire.journal import open_journal
+from tokenwire.journal.base import StreamMeta
+from tokenwire.protocols import native, openai_chat, renderer_for
+from tokenwire.router import Router
+from tokenwire.streams import StreamManager
+from tokenwire.transports import sse
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("tokenwire.server")
+
+ErrorShape = Callable[[TokenwireError], dict[str, Any]]
+#: What a handler returns: a plain response, or an event stream (an ASGI app of its own).
+Reply = Response | sse.EventSourceResponse
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(exc: TokenwireError, shape: ErrorShape = openai_chat.error_body) -> Response:
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    return JSONResponse(shape(exc), status_code=exc.status_code, headers=headers)
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if not body:
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+
+
+def _after(request: Request) -> int:
+    """The last seq the client has: ``Last-Event-ID`` header, else ``?after=N``, else -1."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("after")
+    if raw is None or raw == "":
+        return -1
+    try:
+        after = int(raw)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"Last-Event-ID / after must be an event seq (an integer), not {raw!r}.",
+            param="after",
+        ) from exc
+    if after < -1:
+        raise InvalidRequest("after must be >= -1.", param="after")
+    return after
+
+
+class Server:
+    """The app's state and handlers; one per process."""
+
+    def __init__(self, settings: Settings, router: Router, manager: StreamManager) -> None:
+        self.settings = settings
+        self.router = router
+        self.manager = manager
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def event_stream(self, meta: StreamMeta, after: int) -> sse.EventSourceResponse:
+        renderer = renderer_for(meta)
+        named = getattr(renderer, "event_names", False)
+        manager = self.manager
+
+        async def frames() -> AsyncIterator[bytes]:
+            first = True
+            async for event in manager.read(meta.id, after):
+                payloads = renderer.render(event)
+                if not payloads:
+                    continue
+                chunk = b"".join(
+                    sse.encode(
+                        payload,
+                        id=event.seq,
+                        event=payload["type"] if named and isinstance(payload, dict) else None,
+                    )
+                    for payload in payloads
+                )
+                if first:
+                    # Tell EventSource-style clients how soon to reconnect after a drop.
+                    chunk = b"retry: 1000\n\n" + chunk
+                    first = False
+                yield chunk
+
+        return sse.EventSourceResponse(
+            frames(),
+            heartbeat=self.settings.heartbeat,
+            send_timeout=self.settings.send_timeout,
+            headers={"x-stream-id": meta.id},
+        )
+
+    async def collect(self, meta: StreamMeta, receive: Receive) -> list[Event] | None:
+        """All events of a stream, or None if the client disconnected first (then the
+        stream is cancelled: a non-streaming caller cannot resume)."""
+        events: list[Event] = []
+
+        async def read_all() -> None:
+            async for event in self.manager.read(meta.id):
+                events.append(event)
+
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        reading = asyncio.ensure_future(read_all())
+        watching = asyncio.ensure_future(until_disconnect())
+        try:
+            await asyncio.wait({reading, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+        if reading.done():
+            reading.result()
+            return events
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        await self.manager.cancel(meta.id, "disconnect")
+        return None
+
+    # -- routes --------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request) -> Reply:
+        chat, wire = openai_chat.parse(await read_json(request))
+        meta = await self.manager.start(
+            chat,
+            protocol=openai_chat.PROTOCOL,
+            render={"include_usage": chat.include_usage},
+        )
+        if wire.stream:
+            return self.event_stream(meta, after=-1)
+        events = await self.collect(meta, request.receive)
+        if events is None:
+            return Response(status_code=499)
+        body = openai_chat.aggregate(meta, events)
+        if isinstance(body, TokenwireError):
+            return error_response(body)
+        return JSONResponse(body, headers={"x-stream-id": meta.id})
+
+    async def start_native(self, request: Request) -> Reply:
+        chat, _ = native.parse(await read_json(request))
+        meta = await self.manager.start(chat, protocol=native.PROTOCOL)
+        return self.event_stream(meta, after=-1)
+
+    async def resume(self, request: Request) -> Reply:
+        after = _after(request)
+        meta = await self.manager.meta(request.path_params["stream_id"])
+        return self.event_stream(meta, after=after)
+
+    async def cancel(self, request: Request) -> Reply:
+        stream_id = request.path_params["stream_id"]
+        await self.manager.cancel(stream_id, "stop")
+        return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
+
+    async def models(self, request: Request) -> Reply:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+                    for m in self.router.models()
+                ],
+            }
+        )
+
+    async def healthz(self, request: Request) -> Reply:
+        return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
+
+
+def _handler(
+    method: Callable[[Request], Awaitable[Reply]], shape: ErrorShape = openai_chat.error_body
+) -> Callable[[Request], Awaitable[Reply]]:
+    """Map the error tree to responses once, in the protocol's shape."""
+
+    async def endpoint(request: Request) -> Reply:
+        try:
+            return await method(request)
+        except TokenwireError as exc:
+            return error_response(exc, shape)
+
+    return endpoint
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods answer in OpenAI's error shape, not Starlette's text."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", "error")
+    body = {
+        "error": {
+            "message": f"{detail}: {request.method} {request.url.path}",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    backend: Backend | None = None,
+    router: Router | None = None,
+) -> Starlette:
+    """The ASGI app. ``backend`` replaces the embedded model (tests, gateway-only)."""
+    settings = settings or Settings()
+    if router is None:
+        if backend is None:
+            from tokenwire.backends.llamacpp import LlamaCppBackend
+
+            backend = LlamaCppBackend.from_settings(settings)
+        router = Router(backend)
+    journal = open_journal(
+        settings.journal,
+        ttl=settings.stream_ttl,
+        max_finished=settings.max_finished_streams,
+    )
+    manager = StreamManager(router, journal, disconnect_grace=settings.disconnect_grace)
+    server = Server(settings, router, manager)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await router.start()
+        await manager.start_background()
+        try:
+            yield
+        finally:
+            await manager.close()
+            await router.close()
+
+    routes = [
+        Route("/v1/chat/completions", _handler(server.chat_completions), methods=["POST"]),
+        Route("/v1/streams", _handler(server.start_native), methods=["POST"]),
+        Route("/v1/streams/{stream_id}", _handler(server.resume), methods=["GET"]),
+        Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),
+        Route("/v1/models", _handler(server.models), methods=["GET"]),
+        Route("/healthz", server.healthz, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: _http_error, 405: _http_error},
+    )
+    app.state.server = server
+    return app

@@ -1,0 +1,1 @@
+"""Event-stream stages: stop sequences, structured output, tool calls, coalescing, guards."""

@@ -1,0 +1,292 @@
+"""StreamManager: starts producers, hands out readers, cancels, applies the disconnect policy.
+
+A stream's producer task runs ``backend.stream`` through the stages and appends every event
+to the journal; readers tail the journal. They never touch each other, which is what makes
+resume, fan-out and Stop-from-anywhere work (DESIGN.md).
+
+Promises:
+- ``start`` returns only once the backend accepted the request (its first event), so request
+  errors surface as exceptions before any header is sent;
+- every stream ends with exactly one terminal event, whatever the backend does;
+- a stream with no readers left is cancelled after ``disconnect_grace`` seconds (0: at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenwire.backends.base import Backend
+from tokenwire.cancel import CancelToken
+from tokenwire.errors import RequestError, TokenwireError
+from tokenwire.events import (
+    Event,
+    StreamCancelled,
+    StreamFailed,
+    StreamStarted,
+)
+from tokenwire.journal.base import Journal, StreamMeta
+from tokenwire.requests import ChatRequest
+from tokenwire.router import Router
+
+__all__ = ["Stage", "StreamManager", "new_stream_id"]
+
+log = logging.getLogger("tokenwire.streams")
+
+#: A stage transforms the event stream of one request (stop sequences, structured output…).
+Stage = Callable[[AsyncIterator[Event], ChatRequest, CancelToken], AsyncIterator[Event]]
+
+
+def new_stream_id() -> str:
+    """128 random bits, URL-safe: unguessable, so a stream id is a capability."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass(slots=True)
+class _Producing:
+    """A stream produced by this process."""
+
+    cancel: CancelToken
+    task: asyncio.Task[None] | None = None
+    readers: int = 0
+    grace_timer: asyncio.TimerHandle | None = None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Accepted:
+    future: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class StreamManager:
+    def __init__(
+        self,
+        router: Router,
+        journal: Journal,
+        *,
+        stages: list[Stage] | None = None,
+        disconnect_grace: float = 30.0,
+    ) -> None:
+        self.router = router
+        self.journal = journal
+        self.stages = list(stages or [])
+        self.disconnect_grace = disconnect_grace
+        self._producing: dict[str, _Producing] = {}
+        self._cancel_listener: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start_background(self) -> None:
+        await self.journal.start()
+        requests = self.journal.cancel_requests()
+        if requests is not None:
+            self._cancel_listener = asyncio.create_task(self._listen_for_cancels(requests))
+
+    async def close(self, *, reason: str = "shutdown") -> None:
+        for stream_id in list(self._producing):
+            self._cancel_local(stream_id, reason)
+        tasks = [p.task for p in self._producing.values() if p.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        if self._cancel_listener is not None:
+            self._cancel_listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cancel_listener
+        await self.journal.close()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._producing)
+
+    # -- start -------------------------------------------------------------------------
+
+    async def start(
+        self,
+        request: ChatRequest,
+        *,
+        protocol: str,
+        owner: str | None = None,
+        render: dict[str, Any] | None = None,
+    ) -> StreamMeta:
+        """Start producing; returns once the backend accepted the request.
+
+        Raises the backend's ``RequestError`` (model not found, context too long, queue
+        full) if it rejects the request before its first event.
+        """
+        backend = self.router.resolve(request.model)
+        meta = StreamMeta(
+            id=new_stream_id(),
+            model=request.model,
+            protocol=protocol,
+            created=int(time.time()),
+            owner=owner,
+            render=dict(render or {}),
+        )
+        producing = _Producing(cancel=CancelToken())
+        accepted = _Accepted()
+        self._producing[meta.id] = producing
+        producing.task = asyncio.create_task(
+            self._produce(meta, request, backend, producing, accepted.future),
+            name=f"tokenwire-produce-{meta.id}",
+        )
+        try:
+            await asyncio.shield(accepted.future)
+        except asyncio.CancelledError:
+            # The caller went away while we waited for acceptance: nobody will read.
+            self._cancel_local(meta.id, "disconnect")
+            raise
+        return meta
+
+    def _events(
+        self, request: ChatRequest, backend: Backend, cancel: CancelToken
+    ) -> AsyncIterator[Event]:
+        events = backend.stream(request, cancel)
+        for stage in self.stages:
+            events = stage(events, request, cancel)
+        return events
+
+    async def _produce(
+        self,
+        meta: StreamMeta,
+        request: ChatRequest,
+        backend: Backend,
+        producing: _Producing,
+        accepted: asyncio.Future[None],
+    ) -> None:
+        cancel = producing.cancel
+        events = self._events(request, backend, cancel)
+        terminal: Event | None = None
+        try:
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                first = None
+            except RequestError as exc:
+                accepted.set_exception(exc)
+                return
+            except BaseException as exc:
+                if not accepted.done():
+                    accepted.set_exception(exc)
+                raise
+            await self.journal.create(meta)
+            await self.journal.append(
+                meta.id, StreamStarted(id=meta.id, model=meta.model, created=meta.created)
+            )
+            accepted.set_result(None)
+            terminal = await self._pump(meta.id, first, events, cancel)
+        except asyncio.CancelledError:
+            terminal = StreamCancelled(reason=cancel.reason or "shutdown")
+        except TokenwireError as exc:
+            terminal = StreamFailed(error=exc.to_dict())
+        except Exception as exc:
+            log.exception("stream %s failed", meta.id)
+            terminal = StreamFailed(
+                error={"type": "server_error", "message": f"internal error: {exc}", "code": None}
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+            if accepted.done() and terminal is None and cancel.is_cancelled():
+                terminal = StreamCancelled(reason=cancel.reason or "stop")
+            if accepted.done() and not accepted.exception():
+                if terminal is None:
+                    terminal = StreamFailed(
+                        error={
+                            "type": "backend_error",
+                            "message": "the backend ended the stream without finishing it",
+                            "code": None,
+                        }
+                    )
+                try:
+                    await self.journal.append(meta.id, terminal)
+                except Exception:
+                    log.exception("could not journal the terminal event of %s", meta.id)
+            producing.done = True
+            if producing.grace_timer is not None:
+                producing.grace_timer.cancel()
+            self._producing.pop(meta.id, None)
+
+    async def _pump(
+        self, stream_id: str, first: Event | None, events: AsyncIterator[Event], cancel: CancelToken
+    ) -> Event | None:
+        """Append events until the backend finishes or is cancelled; return the terminal."""
+        append = self.journal.append
+        event = first
+        while event is not None:
+            if cancel.is_cancelled():
+                return StreamCancelled(reason=cancel.reason or "stop")
+            if event.terminal:
+                return event
+            await append(stream_id, event)
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                event = None
+        if cancel.is_cancelled():
+            return StreamCancelled(reason=cancel.reason or "stop")
+        return None
+
+    # -- read --------------------------------------------------------------------------
+
+    async def meta(self, stream_id: str) -> StreamMeta:
+        return await self.journal.meta(stream_id)
+
+    async def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
+        """Events after ``after``, replay then live, until the terminal event.
+
+        While any reader is open the stream keeps generating; when the last one leaves
+        before the end, the disconnect policy applies.
+        """
+        producing = self._producing.get(stream_id)
+        if producing is not None:
+            producing.readers += 1
+            if producing.grace_timer is not None:
+                producing.grace_timer.cancel()
+                producing.grace_timer = None
+        try:
+            async for event in self.journal.read(stream_id, after):
+                yield event
+        finally:
+            if producing is not None:
+                producing.readers -= 1
+                if producing.readers == 0 and not producing.done:
+                    self._reader_left(stream_id, producing)
+
+    def _reader_left(self, stream_id: str, producing: _Producing) -> None:
+        if self.disconnect_grace <= 0:
+            self._cancel_local(stream_id, "disconnect")
+            return
+        loop = asyncio.get_running_loop()
+        producing.grace_timer = loop.call_later(
+            self.disconnect_grace, self._cancel_local, stream_id, "disconnect"
+        )
+
+    # -- cancel ------------------------------------------------------------------------
+
+    async def cancel(self, stream_id: str, reason: str = "stop") -> None:
+        """Stop generation of ``stream_id`` wherever it runs. Idempotent."""
+        if self._cancel_local(stream_id, reason):
+            return
+        await self.journal.meta(stream_id)  # raises StreamNotFound / StreamExpired
+        await self.journal.signal_cancel(stream_id, reason)
+
+    def _cancel_local(self, stream_id: str, reason: str) -> bool:
+        producing = self._producing.get(stream_id)
+        if producing is None:
+            return False
+        # Backends watch the token themselves (between tokens, and while queued or
+        # waiting on an upstream), so setting it is all a local cancel takes.
+        producing.cancel.cancel(reason)
+        return True
+
+    async def _listen_for_cancels(self, requests: AsyncIterator[tuple[str, str]]) -> None:
+        async for stream_id, reason in requests:
+            self._cancel_local(stream_id, reason)

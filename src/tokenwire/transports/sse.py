@@ -1,0 +1,133 @@
+"""Server-Sent Events: framing, heartbeats, send timeouts and disconnect detection.
+
+All SSE bytes tokenwire writes are made here. ``EventSourceResponse`` is an ASGI response that
+races three things in one task group (as starlette's ``StreamingResponse`` does): sending the
+frames, a heartbeat comment whenever the stream has been idle for ``heartbeat`` seconds, and
+listening for the client's disconnect. Whichever ends first ends the others, and the frame
+iterator is always closed, so its ``finally`` blocks (the reader count) run at once.
+
+Why not sse-starlette: it detects server shutdown by patching uvicorn at import time, which we
+avoid (STYLE.md); what remains is ~100 lines we would otherwise wrap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import anyio
+import orjson
+from starlette.types import Receive, Scope, Send
+
+__all__ = ["STREAM_HEADERS", "EventSourceResponse", "encode", "encode_comment"]
+
+#: Headers every streaming response carries: no caching, no proxy buffering, no compression.
+STREAM_HEADERS = {
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+    "connection": "keep-alive",
+}
+
+
+def encode(
+    payload: Mapping[str, Any] | str,
+    *,
+    id: int | None = None,
+    event: str | None = None,
+    retry_ms: int | None = None,
+) -> bytes:
+    """One SSE message. Dicts become compact JSON; strings (``[DONE]``) are sent as is."""
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    head = b""
+    if event is not None:
+        head += b"event: " + event.encode() + b"\n"
+    if id is not None:
+        head += b"id: " + str(id).encode() + b"\n"
+    if retry_ms is not None:
+        head += b"retry: " + str(retry_ms).encode() + b"\n"
+    # orjson never emits raw newlines, so one data line always suffices.
+    return head + b"data: " + data + b"\n\n"
+
+
+def encode_comment(text: str = "") -> bytes:
+    return b": " + text.encode() + b"\n\n"
+
+
+class EventSourceResponse:
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        *,
+        heartbeat: float = 15.0,
+        send_timeout: float | None = 30.0,
+        headers: Mapping[str, str] | None = None,
+        status_code: int = 200,
+    ) -> None:
+        self.frames = frames
+        self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self.status_code = status_code
+        self.headers = {**STREAM_HEADERS, **(headers or {})}
+        self._last_send = 0.0
+        self._lock = anyio.Lock()
+
+    async def _send_body(self, send: Send, chunk: bytes) -> None:
+        async with self._lock:
+            # A client that stops reading fills the socket; the send then blocks on flow
+            # control. Past the timeout we treat it as gone rather than hold the producer.
+            with anyio.fail_after(self.send_timeout if self.send_timeout else math.inf):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self._last_send = time.monotonic()
+
+    async def _pump(self, send: Send) -> None:
+        async with contextlib.aclosing(self.frames):  # type: ignore[type-var]
+            async for chunk in self.frames:
+                await self._send_body(send, chunk)
+
+    async def _heartbeats(self, send: Send) -> None:
+        while True:
+            idle_for = time.monotonic() - self._last_send
+            if idle_for >= self.heartbeat:
+                await self._send_body(send, encode_comment("ping"))
+                continue
+            await anyio.sleep(self.heartbeat - idle_for)
+
+    @staticmethod
+    async def _until_disconnect(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        raw_headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": raw_headers}
+        )
+        # A first comment right away: proxies and browsers see the stream is open at once.
+        disconnected = False
+        try:
+            await self._send_body(send, encode_comment("stream open"))
+            async with anyio.create_task_group() as group:
+
+                async def run_and_stop(func: Any, *args: Any) -> None:
+                    await func(*args)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(run_and_stop, self._pump, send)
+                group.start_soon(run_and_stop, self._heartbeats, send)
+                group.start_soon(run_and_stop, self._until_disconnect, receive)
+        except (TimeoutError, OSError):
+            disconnected = True
+        finally:
+            with contextlib.suppress(Exception):
+                await self.frames.aclose()  # type: ignore[attr-defined]
+        if not disconnected:
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
