@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tokenwire.backends.base import Backend
 from tokenwire.cancel import CancelToken
@@ -35,12 +35,20 @@ from tokenwire.journal.base import Journal, StreamMeta
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 
-__all__ = ["Stage", "StreamManager", "new_stream_id"]
+__all__ = ["Stage", "StreamManager", "StreamObserver", "new_stream_id"]
 
 log = logging.getLogger("tokenwire.streams")
 
 #: A stage transforms the event stream of one request (stop sequences, structured output…).
 Stage = Callable[[AsyncIterator[Event], ChatRequest, CancelToken], AsyncIterator[Event]]
+
+
+class StreamObserver(Protocol):
+    """Sees every stream's events as they are journaled (metrics); must be cheap and sync."""
+
+    def stream_started(self, stream_id: str) -> None: ...
+    def event_appended(self, stream_id: str, event: Event) -> None: ...
+    def stream_ended(self, stream_id: str, terminal: Event | None) -> None: ...
 
 
 def new_stream_id() -> str:
@@ -74,11 +82,13 @@ class StreamManager:
         *,
         stages: list[Stage] | None = None,
         disconnect_grace: float = 30.0,
+        observer: StreamObserver | None = None,
     ) -> None:
         self.router = router
         self.journal = journal
         self.stages = list(stages or [])
         self.disconnect_grace = disconnect_grace
+        self.observer = observer
         self._producing: dict[str, _Producing] = {}
         self._cancel_listener: asyncio.Task[None] | None = None
 
@@ -162,6 +172,8 @@ class StreamManager:
         accepted: asyncio.Future[None],
     ) -> None:
         cancel = producing.cancel
+        if self.observer is not None:
+            self.observer.stream_started(meta.id)  # TTFT counts from here
         events = self._events(request, backend, cancel)
         terminal: Event | None = None
         try:
@@ -210,6 +222,8 @@ class StreamManager:
                 except Exception:
                     log.exception("could not journal the terminal event of %s", meta.id)
             producing.done = True
+            if self.observer is not None:
+                self.observer.stream_ended(meta.id, terminal)
             if producing.grace_timer is not None:
                 producing.grace_timer.cancel()
             self._producing.pop(meta.id, None)
@@ -219,6 +233,7 @@ class StreamManager:
     ) -> Event | None:
         """Append events until the backend finishes or is cancelled; return the terminal."""
         append = self.journal.append
+        observe = self.observer.event_appended if self.observer is not None else None
         event = first
         while event is not None:
             if cancel.is_cancelled():
@@ -226,6 +241,8 @@ class StreamManager:
             if event.terminal:
                 return event
             await append(stream_id, event)
+            if observe is not None:
+                observe(stream_id, event)
             try:
                 event = await anext(events)
             except StopAsyncIteration:

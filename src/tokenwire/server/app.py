@@ -28,6 +28,7 @@ from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols import native, openai_chat, renderer_for
 from tokenwire.router import Router
+from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.streams import StreamManager
 from tokenwire.transports import sse
 
@@ -97,24 +98,20 @@ class Server:
         manager = self.manager
 
         async def frames() -> AsyncIterator[bytes]:
-            first = True
+            # The first message tells EventSource-style clients how soon to reconnect. It
+            # rides on a data message: a bare `retry:` block is an empty event to the
+            # official openai client, which then fails to parse it.
+            retry_ms: int | None = 1000
             async for event in manager.read(meta.id, after):
                 payloads = renderer.render(event)
                 if not payloads:
                     continue
-                chunk = b"".join(
-                    sse.encode(
-                        payload,
-                        id=event.seq,
-                        event=payload["type"] if named and isinstance(payload, dict) else None,
-                    )
-                    for payload in payloads
-                )
-                if first:
-                    # Tell EventSource-style clients how soon to reconnect after a drop.
-                    chunk = b"retry: 1000\n\n" + chunk
-                    first = False
-                yield chunk
+                parts = []
+                for payload in payloads:
+                    name = payload["type"] if named and isinstance(payload, dict) else None
+                    parts.append(sse.encode(payload, id=event.seq, event=name, retry_ms=retry_ms))
+                    retry_ms = None
+                yield b"".join(parts)
 
         return sse.EventSourceResponse(
             frames(),
@@ -178,6 +175,7 @@ class Server:
     async def resume(self, request: Request) -> Reply:
         after = _after(request)
         meta = await self.manager.meta(request.path_params["stream_id"])
+        request.app.state.metrics.resumed()
         return self.event_stream(meta, after=after)
 
     async def cancel(self, request: Request) -> Reply:
@@ -196,6 +194,10 @@ class Server:
             }
         )
 
+    async def metrics(self, request: Request) -> Reply:
+        body = request.app.state.metrics.render()
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
     async def healthz(self, request: Request) -> Reply:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
 
@@ -209,6 +211,9 @@ def _handler(
         try:
             return await method(request)
         except TokenwireError as exc:
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.request_error(exc.error_type)
             return error_response(exc, shape)
 
     return endpoint
@@ -248,7 +253,15 @@ def create_app(
         ttl=settings.stream_ttl,
         max_finished=settings.max_finished_streams,
     )
-    manager = StreamManager(router, journal, disconnect_grace=settings.disconnect_grace)
+    metrics = Metrics()
+    manager = StreamManager(
+        router, journal, disconnect_grace=settings.disconnect_grace, observer=metrics
+    )
+    metrics.bind(
+        active=lambda: manager.active_streams,
+        queued=queued_in(router.backends),
+        journal_stats=journal.stats,
+    )
     server = Server(settings, router, manager)
 
     @asynccontextmanager
@@ -268,6 +281,7 @@ def create_app(
         Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),
         Route("/v1/models", _handler(server.models), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
+        Route("/metrics", server.metrics, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -275,4 +289,5 @@ def create_app(
         exception_handlers={404: _http_error, 405: _http_error},
     )
     app.state.server = server
+    app.state.metrics = metrics
     return app

@@ -1,0 +1,161 @@
+"""Prometheus metrics for ``GET /metrics`` (prometheus-client, text exposition format).
+
+``Metrics`` is a ``StreamObserver``: the stream manager calls it as events are appended,
+so every stream, whatever protocol or transport reads it, is measured once at the source.
+What it promises:
+
+- ``tokenwire_ttft_seconds``: request accepted → first ``text.delta`` appended (histogram);
+- ``tokenwire_inter_token_seconds``: gap between consecutive ``text.delta`` events;
+- ``tokenwire_tokens_out_total`` (completion tokens from ``usage``), ``tokenwire_deltas_total``;
+- ``tokenwire_streams_active`` / ``tokenwire_streams_queued`` (gauges read at scrape time);
+- ``tokenwire_streams_total{outcome}``, ``tokenwire_cancels_total{reason}``,
+  ``tokenwire_resumes_total``, ``tokenwire_errors_total{type,where}``;
+- ``tokenwire_journal_streams`` / ``tokenwire_journal_events`` (the journal's ``stats()``);
+- ``tokenwire_cache_lookups_total{result}`` when a response cache is configured.
+
+Each app has its own ``CollectorRegistry`` (several apps in one test process must not clash).
+Per-token cost: one dict lookup, one ``perf_counter`` and one histogram observe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from tokenwire.events import Event, StreamCancelled, StreamFailed, TextDelta, Usage
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """All of tokenwire's metrics in one registry; also the stream manager's observer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttft = Histogram(
+            "tokenwire_ttft_seconds",
+            "Time from request acceptance to the first text delta.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "tokenwire_inter_token_seconds",
+            "Time between consecutive text deltas of one stream.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.tokens_out = Counter(
+            "tokenwire_tokens_out", "Completion tokens generated (from usage).", registry=r
+        )
+        self.deltas = Counter("tokenwire_deltas", "Text delta events appended.", registry=r)
+        self.streams = Counter(
+            "tokenwire_streams", "Streams ended, by outcome.", ["outcome"], registry=r
+        )
+        self.cancels = Counter(
+            "tokenwire_cancels", "Streams cancelled, by reason.", ["reason"], registry=r
+        )
+        self.resumes = Counter(
+            "tokenwire_resumes", "Reads of an existing stream (resume / fan-out).", registry=r
+        )
+        self.errors = Counter(
+            "tokenwire_errors",
+            "Errors by type; where=request (4xx/5xx before a stream) or stream (stream.failed).",
+            ["type", "where"],
+            registry=r,
+        )
+        self.cache_lookups = Counter(
+            "tokenwire_cache_lookups", "Response cache lookups, by result.", ["result"], registry=r
+        )
+        self.active = Gauge(
+            "tokenwire_streams_active", "Streams being produced by this process.", registry=r
+        )
+        self.queued = Gauge(
+            "tokenwire_streams_queued", "Requests waiting for a model slot.", registry=r
+        )
+        self.journal_streams = Gauge(
+            "tokenwire_journal_streams", "Streams held by the journal.", registry=r
+        )
+        self.journal_events = Gauge(
+            "tokenwire_journal_events", "Events held by the journal.", registry=r
+        )
+        # stream id -> [accepted_at, last_delta_at or 0.0]
+        self._clocks: dict[str, list[float]] = {}
+
+    # -- gauges read at scrape time ---------------------------------------------------------
+
+    def bind(
+        self,
+        *,
+        active: Callable[[], float],
+        queued: Callable[[], float],
+        journal_stats: Callable[[], dict[str, int]],
+    ) -> None:
+        self.active.set_function(active)
+        self.queued.set_function(queued)
+        self.journal_streams.set_function(lambda: journal_stats().get("streams", 0))
+        self.journal_events.set_function(lambda: journal_stats().get("events", 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- StreamObserver ---------------------------------------------------------------------
+
+    def stream_started(self, stream_id: str) -> None:
+        self._clocks[stream_id] = [time.perf_counter(), 0.0]
+
+    def event_appended(self, stream_id: str, event: Event) -> None:
+        if type(event) is TextDelta:
+            clock = self._clocks.get(stream_id)
+            if clock is None:
+                return
+            now = time.perf_counter()
+            if clock[1]:
+                self.inter_token.observe(now - clock[1])
+            else:
+                self.ttft.observe(now - clock[0])
+            clock[1] = now
+            self.deltas.inc()
+        elif type(event) is Usage:
+            self.tokens_out.inc(event.completion_tokens)
+
+    def stream_ended(self, stream_id: str, terminal: Event | None) -> None:
+        self._clocks.pop(stream_id, None)
+        if isinstance(terminal, StreamCancelled):
+            self.streams.labels("cancelled").inc()
+            self.cancels.labels(terminal.reason).inc()
+        elif isinstance(terminal, StreamFailed):
+            self.streams.labels("failed").inc()
+            self.errors.labels(str(terminal.error.get("type", "unknown")), "stream").inc()
+        elif terminal is not None:
+            self.streams.labels("completed").inc()
+
+    # -- other hooks ------------------------------------------------------------------------
+
+    def request_error(self, error_type: str) -> None:
+        self.errors.labels(error_type, "request").inc()
+
+    def resumed(self) -> None:
+        self.resumes.inc()
+
+    def cache_lookup(self, result: str) -> None:
+        self.cache_lookups.labels(result).inc()
+
+
+def queued_in(backends: list[Any]) -> Callable[[], float]:
+    """Sum of requests waiting in every backend that admits through a ``FairQueue``."""
+    from tokenwire.admission import FairQueue
+
+    queues = [q for b in backends if isinstance(q := getattr(b, "queue", None), FairQueue)]
+
+    def queued() -> float:
+        return float(sum(q.waiting for q in queues))
+
+    return queued
