@@ -28,6 +28,7 @@ from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols import native, openai_chat, renderer_for
 from tokenwire.router import Router
+from tokenwire.server import ui
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.streams import StreamManager
 from tokenwire.transports import sse
@@ -282,6 +283,7 @@ def create_app(
         Route("/v1/models", _handler(server.models), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
         Route("/metrics", server.metrics, methods=["GET"]),
+        *ui.routes(),
     ]
     app = Starlette(
         routes=routes,
