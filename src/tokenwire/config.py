@@ -44,6 +44,18 @@ class Settings:
     #: Skip loading the embedded model (gateway-only deployments).
     no_embedded: bool = False
     warmup: bool = True
+    #: Sequences the embedded model decodes together (continuous batching); 1: one at a time.
+    parallel: int = 8
+    #: Prompt tokens prefilled per decode step, so running streams keep decoding meanwhile.
+    prefill_chunk: int = 64
+    #: Response cache: off, deterministic (temperature 0 or a seed), all. See cache.py.
+    cache: str = "off"
+    cache_ttl: float = 600.0
+    cache_size: int = 1000
+    #: instant, or paced (replays at the original stream's timing).
+    cache_replay: str = "instant"
+    #: Default delta coalescing: off, word, line, or a max delay in ms ("50ms").
+    coalesce: str = "off"
     #: Extra sections of the config file (upstreams, aliases, …) for later consumers.
     extra: dict[str, Any] = field(default_factory=dict)
 

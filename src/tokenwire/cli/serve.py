@@ -37,6 +37,13 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--stream-ttl", type=float, help="seconds finished streams stay (600)")
     parser.add_argument("--log-level", help="debug, info, warning")
+    parser.add_argument("--parallel", type=int, help="streams decoded together (8)")
+    parser.add_argument("--prefill-chunk", type=int, help="prompt tokens per decode step (64)")
+    parser.add_argument("--cache", help="response cache: off (default), deterministic, all")
+    parser.add_argument("--cache-ttl", type=float, help="seconds a cached response lives (600)")
+    parser.add_argument("--cache-size", type=int, help="cached responses kept (1000)")
+    parser.add_argument("--cache-replay", help="instant (default) or paced")
+    parser.add_argument("--coalesce", help="default delta coalescing: off, word, line, NNms")
     parser.add_argument(
         "--no-embedded", action="store_true", default=None, help="do not load the embedded model"
     )

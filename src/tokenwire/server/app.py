@@ -21,16 +21,18 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from tokenwire.backends.base import Backend
+from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
 from tokenwire.config import Settings
 from tokenwire.errors import InvalidRequest, Overloaded, TokenwireError
 from tokenwire.events import Event
 from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols import native, openai_chat, renderer_for
+from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 from tokenwire.server import ui
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
-from tokenwire.streams import StreamManager
+from tokenwire.streams import Stage, StreamManager
 from tokenwire.transports import sse
 
 __all__ = ["create_app"]
@@ -93,7 +95,9 @@ class Server:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def event_stream(self, meta: StreamMeta, after: int) -> sse.EventSourceResponse:
+    def event_stream(
+        self, meta: StreamMeta, after: int, headers: dict[str, str] | None = None
+    ) -> sse.EventSourceResponse:
         renderer = renderer_for(meta)
         named = getattr(renderer, "event_names", False)
         manager = self.manager
@@ -118,7 +122,7 @@ class Server:
             frames(),
             heartbeat=self.settings.heartbeat,
             send_timeout=self.settings.send_timeout,
-            headers={"x-stream-id": meta.id},
+            headers={"x-stream-id": meta.id, **(headers or {})},
         )
 
     async def collect(self, meta: StreamMeta, receive: Receive) -> list[Event] | None:
@@ -159,19 +163,19 @@ class Server:
             render={"include_usage": chat.include_usage},
         )
         if wire.stream:
-            return self.event_stream(meta, after=-1)
+            return self.event_stream(meta, after=-1, headers=_cache_header(chat))
         events = await self.collect(meta, request.receive)
         if events is None:
             return Response(status_code=499)
         body = openai_chat.aggregate(meta, events)
         if isinstance(body, TokenwireError):
             return error_response(body)
-        return JSONResponse(body, headers={"x-stream-id": meta.id})
+        return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
 
     async def start_native(self, request: Request) -> Reply:
         chat, _ = native.parse(await read_json(request))
         meta = await self.manager.start(chat, protocol=native.PROTOCOL)
-        return self.event_stream(meta, after=-1)
+        return self.event_stream(meta, after=-1, headers=_cache_header(chat))
 
     async def resume(self, request: Request) -> Reply:
         after = _after(request)
@@ -201,6 +205,11 @@ class Server:
 
     async def healthz(self, request: Request) -> Reply:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
+
+
+def _cache_header(chat: ChatRequest) -> dict[str, str]:
+    status = chat.extra.get(CACHE_STATUS_KEY)
+    return {"x-tokenwire-cache": status} if status else {}
 
 
 def _handler(
@@ -255,8 +264,22 @@ def create_app(
         max_finished=settings.max_finished_streams,
     )
     metrics = Metrics()
+    stages: list[Stage] = []
+    if settings.cache != "off":
+        cache = ResponseCache(
+            mode=settings.cache,  # type: ignore[arg-type]
+            ttl=settings.cache_ttl,
+            max_entries=settings.cache_size,
+            replay=settings.cache_replay,  # type: ignore[arg-type]
+            on_lookup=metrics.cache_lookup,
+        )
+        stages.append(cache.stage)  # innermost: stores what the backend produced
     manager = StreamManager(
-        router, journal, disconnect_grace=settings.disconnect_grace, observer=metrics
+        router,
+        journal,
+        stages=stages,
+        disconnect_grace=settings.disconnect_grace,
+        observer=metrics,
     )
     metrics.bind(
         active=lambda: manager.active_streams,
