@@ -18,6 +18,8 @@ error events exactly once.
     │   ├── BackendUnavailable       503  connection refused, 5xx, timeouts
     │   ├── BackendProtocolError     502  malformed upstream output
     │   └── BackendTimeout           504  no token within the idle timeout
+    ├── OutputValidationError        the output broke the requested JSON / tool schema
+    │                                (mid-stream: stream.failed naming the JSON path)
     ├── StreamInterrupted            client side: the stream broke and retries were spent
     └── JournalError                 the journal (memory, Redis) failed
 """
@@ -34,6 +36,7 @@ __all__ = [
     "InvalidRequest",
     "JournalError",
     "ModelNotFound",
+    "OutputValidationError",
     "Overloaded",
     "PayloadTooLarge",
     "RequestError",
@@ -133,6 +136,24 @@ class BackendProtocolError(BackendError):
 class BackendTimeout(BackendError):
     status_code = 504
     error_type = "backend_timeout"
+
+
+class OutputValidationError(TokenwireError):
+    """The model's output broke ``response_format`` or a tool's parameter schema.
+
+    Raised by the structured-output and tool stages at the first offending character;
+    ``path`` is the JSONPath (``$.items[2].name``) where the output went wrong.
+    """
+
+    status_code = 502
+    error_type = "output_validation_error"
+
+    def __init__(self, message: str, *, path: str = "$", code: str = "json_schema_violation"):
+        super().__init__(message, param=path, code=code)
+        self.path = path
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "path": self.path}
 
 
 class StreamInterrupted(TokenwireError):
