@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -90,6 +91,7 @@ class StreamManager:
         self.disconnect_grace = disconnect_grace
         self.observer = observer
         self._producing: dict[str, _Producing] = {}
+        self._grace_checks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -278,13 +280,42 @@ class StreamManager:
                     self._reader_left(stream_id, producing)
 
     def _reader_left(self, stream_id: str, producing: _Producing) -> None:
-        if self.disconnect_grace <= 0:
+        if self.disconnect_grace <= 0 and not self.journal.shared:
             self._cancel_local(stream_id, "disconnect")
             return
         loop = asyncio.get_running_loop()
         producing.grace_timer = loop.call_later(
-            self.disconnect_grace, self._cancel_local, stream_id, "disconnect"
+            max(self.disconnect_grace, 0.0), self._grace_over, stream_id, producing
         )
+
+    def _grace_over(self, stream_id: str, producing: _Producing) -> None:
+        producing.grace_timer = None
+        if producing.readers > 0 or producing.done:
+            return
+        if not self.journal.shared:
+            self._cancel_local(stream_id, "disconnect")
+            return
+        # Readers may have resumed on another replica: ask the shared journal first.
+        task = asyncio.create_task(self._check_remote_readers(stream_id, producing))
+        self._grace_checks.add(task)
+        task.add_done_callback(self._grace_checks.discard)
+
+    async def _check_remote_readers(self, stream_id: str, producing: _Producing) -> None:
+        try:
+            seen = await self.journal.reader_seen(stream_id)
+        except TokenwireError:
+            seen = None
+        if producing.readers > 0 or producing.done or producing.grace_timer is not None:
+            return
+        left_for = time.time() - seen if seen is not None else math.inf
+        if left_for < self.disconnect_grace or left_for < 0:
+            # left_for < 0: a reader holds a presence lease right now; look again soon.
+            wait = self.disconnect_grace - left_for if left_for >= 0 else 1.0
+            producing.grace_timer = asyncio.get_running_loop().call_later(
+                max(wait, 0.2), self._grace_over, stream_id, producing
+            )
+            return
+        self._cancel_local(stream_id, "disconnect")
 
     # -- cancel ------------------------------------------------------------------------
 

@@ -51,6 +51,10 @@ class StreamMeta:
 class Journal(abc.ABC):
     """One method per job; ``MemoryJournal`` is the reference implementation."""
 
+    #: True when other processes read and produce through the same journal (Redis): then a
+    #: stream may have readers this process cannot count (see ``reader_seen``).
+    shared: bool = False
+
     @abc.abstractmethod
     async def create(self, meta: StreamMeta) -> None:
         """Register a new stream before its first event."""
@@ -69,6 +73,12 @@ class Journal(abc.ABC):
 
     async def signal_cancel(self, stream_id: str, reason: str) -> None:  # noqa: B027
         """Ask whichever process produces ``stream_id`` to cancel it (cross-replica)."""
+
+    async def reader_seen(self, stream_id: str) -> float | None:
+        """Wall-clock time until which a reader of ``stream_id`` is known connected, in any
+        process (in the future while one holds a presence lease), or None if the journal
+        does not track readers."""
+        return None
 
     def cancel_requests(self) -> AsyncIterator[tuple[str, str]] | None:
         """Cancel signals addressed to streams this process may produce, or None if the

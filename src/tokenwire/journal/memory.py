@@ -68,6 +68,8 @@ class MemoryJournal(Journal):
         return event.seq
 
     def _log(self, stream_id: str) -> _Log:
+        if self._finished:
+            self.evict()  # lazily: the TTL holds even when no new stream triggers a sweep
         log = self._logs.get(stream_id)
         if log is not None:
             return log
@@ -88,6 +90,8 @@ class MemoryJournal(Journal):
                 yield event
                 if event.terminal:
                     return
+            if log.finished_at is not None:
+                return  # resumed after the terminal event: nothing more will come
             await log.changed()
 
     async def meta(self, stream_id: str) -> StreamMeta:

@@ -1,0 +1,274 @@
+"""RedisJournal against a real redis-server: numbering, seamless replay-to-live, TTL and
+tombstones, group-committed appends, cross-replica cancel, reader presence, producer liveness.
+
+Two RedisJournal instances on one Redis stand in for two replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tokenwire.errors import JournalError, StreamExpired, StreamNotFound
+from tokenwire.events import Event, StreamCompleted, StreamFailed, StreamStarted, TextDelta
+from tokenwire.journal import StreamMeta, open_journal
+from tokenwire.journal.redis import RedisJournal
+
+from .conftest import free_port
+from .e2e.services import RedisServer, redis_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def pair(redis: RedisServer) -> AsyncIterator[tuple[RedisJournal, RedisJournal]]:
+    """Two "replicas" sharing one Redis, under a key prefix of their own."""
+    prefix = f"t{secrets.token_hex(3)}:"
+    options = {"prefix": prefix, "heartbeat": 0.2, "liveness": 0.6, "ttl": 60.0}
+    a = RedisJournal(redis.url, **options)  # type: ignore[arg-type]
+    b = RedisJournal(redis.url, **options)  # type: ignore[arg-type]
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def new_meta() -> StreamMeta:
+    return StreamMeta(id=secrets.token_urlsafe(8), model="m", protocol="native", created=0)
+
+
+async def collect(journal: RedisJournal, stream_id: str, after: int = -1) -> list[Event]:
+    return [event async for event in journal.read(stream_id, after)]
+
+
+async def test_open_journal_builds_a_redis_journal(redis: RedisServer) -> None:
+    journal = open_journal(redis.url, ttl=5.0, max_finished=3)
+    assert isinstance(journal, RedisJournal)
+    assert journal.ttl == 5.0 and journal.max_finished == 3
+    await journal.close()
+
+
+async def test_numbering_and_replay_on_another_replica(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    seqs = [await a.append(meta.id, StreamStarted(id=meta.id, model="m", created=0))]
+    seqs += [await a.append(meta.id, TextDelta(text=f"t{i} ")) for i in range(20)]
+    seqs.append(await a.append(meta.id, StreamCompleted(finish_reason="stop")))
+    assert seqs == list(range(22))
+    assert (await b.meta(meta.id)).to_dict() == meta.to_dict()
+    events = await collect(b, meta.id)
+    assert [e.seq for e in events] == list(range(22))
+    assert isinstance(events[0], StreamStarted) and isinstance(events[-1], StreamCompleted)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).split() == [
+        f"t{i}" for i in range(20)
+    ]
+    # Resume from every point: exactly the events after it.
+    for after in (-1, 0, 5, 20):
+        assert [e.seq for e in await collect(b, meta.id, after)] == list(range(after + 1, 22))
+
+
+async def test_resume_after_the_terminal_event_returns_at_once(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    await a.append(meta.id, TextDelta(text="x"))
+    await a.append(meta.id, StreamCompleted())
+    started = time.monotonic()
+    assert await asyncio.wait_for(collect(b, meta.id, after=1), 5) == []
+    assert await asyncio.wait_for(collect(b, meta.id, after=7), 5) == []
+    assert time.monotonic() - started < 2.0
+
+
+async def test_no_gap_or_duplicate_at_the_replay_live_seam(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    """Readers join at random moments while the producer appends with random pauses."""
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    total = 400
+
+    async def produce() -> None:
+        for i in range(total):
+            await a.append(meta.id, TextDelta(text=f"{i},"))
+            if i % 7 == 0:
+                await asyncio.sleep(0.002)
+        await a.append(meta.id, StreamCompleted())
+
+    async def late_reader(delay: float, after: int) -> list[int]:
+        await asyncio.sleep(delay)
+        return [e.seq async for e in b.read(meta.id, after)]
+
+    producer = asyncio.create_task(produce())
+    readers = [late_reader(0.01 * i, after) for i, after in enumerate([-1, 3, 50, 120, 199, -1])]
+    results = await asyncio.wait_for(asyncio.gather(*readers), 30)
+    await producer
+    for after, seqs in zip([-1, 3, 50, 120, 199, -1], results, strict=True):
+        assert seqs == list(range(after + 1, total + 1))
+
+
+async def test_appends_are_group_committed(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """A burst of appends costs far fewer Redis calls than events."""
+    a, _ = pair
+    meta = new_meta()
+    await a.create(meta)
+    before = _evalsha_calls(redis)
+    n = 2000
+    for i in range(n):
+        await a.append(meta.id, TextDelta(text=str(i)))
+        if i % 50 == 0:
+            await asyncio.sleep(0)  # tokens arrive between other loop work
+    await a.append(meta.id, StreamCompleted())
+    calls = _evalsha_calls(redis) - before
+    assert 1 <= calls < n / 10, calls
+    assert [e.seq for e in await collect(a, meta.id, after=n - 3)] == [n - 2, n - 1, n]
+
+
+def _evalsha_calls(redis: RedisServer) -> int:
+    for line in redis.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_unknown_and_expired_streams(redis: RedisServer) -> None:
+    journal = RedisJournal(redis.url, ttl=0.5, prefix=f"t{secrets.token_hex(3)}:")
+    try:
+        with pytest.raises(StreamNotFound, match="No stream"):
+            await journal.meta("never-was")
+        with pytest.raises(StreamNotFound):
+            await collect(journal, "never-was")  # type: ignore[arg-type]
+        meta = new_meta()
+        await journal.create(meta)
+        await journal.append(meta.id, StreamCompleted())
+        assert [e.seq for e in await collect(journal, meta.id)] == [0]
+        await asyncio.sleep(0.8)
+        with pytest.raises(StreamExpired, match="expired.*kept for 0.5s"):
+            await journal.meta(meta.id)
+        with pytest.raises(StreamExpired):
+            await collect(journal, meta.id)  # type: ignore[arg-type]
+    finally:
+        await journal.close()
+
+
+async def test_finished_streams_beyond_the_bound_are_evicted_oldest_first(
+    redis: RedisServer,
+) -> None:
+    journal = RedisJournal(
+        redis.url, max_finished=2, heartbeat=0.1, liveness=0.2, prefix=f"t{secrets.token_hex(3)}:"
+    )
+    await journal.start()
+    try:
+        metas = [new_meta() for _ in range(4)]
+        for meta in metas:
+            await journal.create(meta)
+            await journal.append(meta.id, StreamCompleted())
+        await asyncio.sleep(0.6)  # a sweep runs every `liveness` seconds
+        for meta in metas[:2]:
+            with pytest.raises(StreamExpired):
+                await journal.meta(meta.id)
+        for meta in metas[2:]:
+            assert (await journal.meta(meta.id)).id == meta.id
+    finally:
+        await journal.close()
+
+
+async def test_cancel_reaches_the_producing_replica(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    requests = a.cancel_requests()
+    started = time.monotonic()
+    await b.signal_cancel(meta.id, "stop")
+    assert await asyncio.wait_for(anext(requests), 5) == (meta.id, "stop")
+    assert time.monotonic() - started < 1.0  # pub/sub, not the polling fallback
+    # Replica b produces nothing, so it is not asked.
+    assert b._cancels.empty()
+
+
+async def test_cancel_flag_is_polled_when_the_message_was_missed(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    # Set the flag without publishing, as if the pub/sub message was lost.
+    redis.cli("HSET", f"{a.prefix}{{{meta.id}}}:meta", "cancel", "stop")
+    assert await asyncio.wait_for(anext(a.cancel_requests()), 5) == (meta.id, "stop")
+
+
+async def test_reader_presence_is_visible_to_other_replicas(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    await a.append(meta.id, TextDelta(text="x"))
+    assert await a.reader_seen(meta.id) is None
+    reader = b.read(meta.id)
+    assert (await anext(reader)).seq == 0
+    seen = await a.reader_seen(meta.id)
+    assert seen is not None and seen > time.time()  # present right now
+    await reader.aclose()
+    await asyncio.sleep(0.2)
+    seen = await a.reader_seen(meta.id)
+    assert seen is not None and seen <= time.time()  # left, and when
+
+
+async def test_readers_of_a_dead_producer_get_a_terminal_failure(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    for i in range(3):
+        await a.append(meta.id, TextDelta(text=str(i)))
+    await asyncio.sleep(0.1)
+    # Fault injection: replica a stops heartbeating, as a SIGKILLed process would.
+    for task in a._background:
+        task.cancel()
+    started = time.monotonic()
+    events = await asyncio.wait_for(collect(b, meta.id), 10)
+    waited = time.monotonic() - started
+    assert [e.seq for e in events] == [0, 1, 2, 3]
+    assert isinstance(events[-1], StreamFailed)
+    assert events[-1].error["code"] == "producer_lost"
+    assert waited < 0.6 + 0.2 * 4
+    # A second reader sees the same single terminal event.
+    again = await collect(b, meta.id)
+    assert [type(e) for e in again] == [type(e) for e in events]
+    # The zombie producer can no longer append.
+    await asyncio.sleep(0.05)
+    with pytest.raises(JournalError):
+        await a.append(meta.id, StreamCompleted())
+
+
+async def test_unreachable_redis_is_a_journal_error() -> None:
+    journal = RedisJournal(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(JournalError, match="Redis journal"):
+        await journal.meta("x")
+    with pytest.raises(JournalError):
+        await journal.create(new_meta())
+    await journal.close()
