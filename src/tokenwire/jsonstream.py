@@ -141,6 +141,11 @@ class PartialJsonParser:
         return self._state == _END
 
     @property
+    def version(self) -> int:
+        """Changes whenever ``value`` may have changed (cheap change detection)."""
+        return self._version
+
+    @property
     def has_value(self) -> bool:
         return self._root is not _MISSING or self._top_string_open()
 
