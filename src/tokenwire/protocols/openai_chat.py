@@ -42,6 +42,7 @@ from tokenwire.requests import (
     Tool,
     ToolCall,
 )
+from tokenwire.stages.coalesce import COALESCE_KEY, parse_coalesce
 
 __all__ = [
     "DONE",
@@ -245,6 +246,9 @@ def parse(body: Any) -> tuple[ChatRequest, ChatCompletionRequest]:
         include_usage=bool(wire.stream_options and wire.stream_options.include_usage),
         extra={"user": wire.user} if wire.user else {},
     )
+    coalesce = (wire.stream_options.model_extra or {}) if wire.stream_options else {}
+    if "coalesce" in coalesce:  # tokenwire's extension: fewer, larger frames (opt-in)
+        request.extra[COALESCE_KEY] = parse_coalesce(coalesce["coalesce"])
     return request, wire
 
 
