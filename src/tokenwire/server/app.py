@@ -17,9 +17,8 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
 from starlette.types import Receive
-from starlette.websockets import WebSocket
 
 from tokenwire.backends.base import Backend
 from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
@@ -28,7 +27,7 @@ from tokenwire.errors import InvalidRequest, Overloaded, TokenwireError
 from tokenwire.events import Event
 from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
-from tokenwire.protocols import anthropic_messages, native, openai_chat, renderer_for
+from tokenwire.protocols import native, openai_chat, renderer_for
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 from tokenwire.server import ui
@@ -36,7 +35,6 @@ from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
 from tokenwire.streams import Stage, StreamManager
 from tokenwire.transports import sse
-from tokenwire.transports.websocket import StreamOps, WebSocketSession
 
 __all__ = ["create_app"]
 
@@ -103,9 +101,6 @@ class Server:
     ) -> sse.EventSourceResponse:
         renderer = renderer_for(meta)
         named = getattr(renderer, "event_names", False)
-        # A stateful renderer (Anthropic's block indices) re-renders the stream from its
-        # start on resume and sends only what follows ``after``.
-        start = -1 if getattr(renderer, "needs_history", False) else after
         manager = self.manager
 
         async def frames() -> AsyncIterator[bytes]:
@@ -113,9 +108,9 @@ class Server:
             # rides on a data message: a bare `retry:` block is an empty event to the
             # official openai client, which then fails to parse it.
             retry_ms: int | None = 1000
-            async for event in manager.read(meta.id, start):
+            async for event in manager.read(meta.id, after):
                 payloads = renderer.render(event)
-                if not payloads or event.seq <= after:
+                if not payloads:
                     continue
                 parts = []
                 for payload in payloads:
@@ -178,19 +173,6 @@ class Server:
             return error_response(body)
         return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
 
-    async def messages(self, request: Request) -> Reply:
-        chat, wire = anthropic_messages.parse(await read_json(request))
-        meta = await self.manager.start(chat, protocol=anthropic_messages.PROTOCOL)
-        if wire.stream:
-            return self.event_stream(meta, after=-1, headers=_cache_header(chat))
-        events = await self.collect(meta, request.receive)
-        if events is None:
-            return Response(status_code=499)
-        body = anthropic_messages.aggregate(meta, events)
-        if isinstance(body, TokenwireError):
-            return error_response(body, anthropic_messages.error_body)
-        return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
-
     async def start_native(self, request: Request) -> Reply:
         chat, _ = native.parse(await read_json(request))
         meta = await self.manager.start(chat, protocol=native.PROTOCOL)
@@ -225,24 +207,6 @@ class Server:
     async def healthz(self, request: Request) -> Reply:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
 
-    async def websocket(self, websocket: WebSocket) -> None:
-        manager = self.manager
-
-        async def start(body: Any) -> str:
-            chat, _ = native.parse(body)
-            return (await manager.start(chat, protocol=native.PROTOCOL)).id
-
-        async def read(stream_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
-            # The socket speaks native events whatever protocol the stream started in.
-            async for event in manager.read(stream_id, after):
-                yield event.to_dict()
-
-        async def cancel(stream_id: str) -> None:
-            await manager.cancel(stream_id, "stop")
-
-        ops = StreamOps(start=start, read=read, cancel=cancel, check=manager.meta)
-        await WebSocketSession(websocket, ops, send_timeout=self.settings.send_timeout).run()
-
 
 def _cache_header(chat: ChatRequest) -> dict[str, str]:
     status = chat.extra.get(CACHE_STATUS_KEY)
@@ -270,11 +234,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and methods answer in OpenAI's error shape, not Starlette's text."""
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", "error")
-    if request.url.path.startswith("/v1/messages"):
-        message = f"{detail}: {request.method} {request.url.path}"
-        error = TokenwireError(message)
-        error.status_code = status
-        return JSONResponse(anthropic_messages.error_body(error), status_code=status)
     body = {
         "error": {
             "message": f"{detail}: {request.method} {request.url.path}",
@@ -295,14 +254,11 @@ def create_app(
     """The ASGI app. ``backend`` replaces the embedded model (tests, gateway-only)."""
     settings = settings or Settings()
     if router is None:
-        from tokenwire.gateway import build_router
-
-        if backend is None and not settings.no_embedded:
+        if backend is None:
             from tokenwire.backends.llamacpp import LlamaCppBackend
 
             backend = LlamaCppBackend.from_settings(settings)
-        # The embedded model (or ``backend``) stays the default; upstreams join beside it.
-        router = build_router(settings, backend)
+        router = Router(backend)
     journal = open_journal(
         settings.journal,
         ttl=settings.stream_ttl,
@@ -347,17 +303,11 @@ def create_app(
 
     routes = [
         Route("/v1/chat/completions", _handler(server.chat_completions), methods=["POST"]),
-        Route(
-            "/v1/messages",
-            _handler(server.messages, anthropic_messages.error_body),
-            methods=["POST"],
-        ),
         Route("/v1/streams", _handler(server.start_native), methods=["POST"]),
         Route("/v1/streams/{stream_id}", _handler(server.resume), methods=["GET"]),
         Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),
         Route("/v1/models", _handler(server.models), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
-        WebSocketRoute("/v1/ws", server.websocket),
         Route("/metrics", server.metrics, methods=["GET"]),
         *ui.routes(),
     ]
