@@ -1,0 +1,678 @@
+"""One chat stream, sync (``ChatStream``) and async (``AsyncChatStream``).
+
+A stream is a context manager and an iterable of typed events. Everything that is not I/O
+(building requests, decoding and mapping events, deciding whether and when to resume, the
+final result) lives in ``_StreamCore`` so the two twins differ only in ``await``.
+
+Promises:
+- a dropped connection (transport error, read timeout, or the server closing before the
+  terminal event) resumes from the last event id with ``GET /v1/streams/{id}`` and a
+  ``Last-Event-ID`` header, after the server's ``retry:`` delay doubled per failed attempt
+  and capped at ``max_backoff``; the events the user sees have no gap and no repeat;
+- once ``max_retries`` consecutive attempts failed, or the stream cannot be resumed (a
+  foreign server sends no ``X-Stream-Id``), ``StreamInterrupted`` is raised with the text
+  received so far;
+- the HTTP response is always closed: on ``with``/``async with`` exit, when iteration ends
+  for any reason outside a ``with`` block (``break``, an exception, the end), and on
+  ``close()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+import orjson
+
+from tokenwire.client._errors import error_from_event, error_from_response
+from tokenwire.client._metrics import StreamMetrics
+from tokenwire.client._protocols import Mapper
+from tokenwire.client._sse import SSEDecoder
+from tokenwire.errors import (
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    StreamExpired,
+    StreamInterrupted,
+    StreamNotFound,
+    TokenwireError,
+)
+from tokenwire.events import (
+    Event,
+    JsonPartial,
+    StreamCancelled,
+    StreamCompleted,
+    StreamFailed,
+    StreamStarted,
+    TextDelta,
+    ToolCallCompleted,
+    ToolCallDelta,
+    Usage,
+)
+
+__all__ = ["AsyncChatStream", "ChatResult", "ChatStream", "RetryPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a dropped stream is resumed.
+
+    The n-th consecutive attempt waits ``retry * 2**(n-1)`` seconds, capped at ``max_backoff``,
+    where ``retry`` is what the server sent in ``retry:`` (else ``default_retry``). Any event
+    received resets the count.
+    """
+
+    max_retries: int = 5
+    max_backoff: float = 10.0
+    default_retry: float = 1.0
+
+    def delay(self, attempt: int, server_retry_ms: int | None) -> float:
+        base = server_retry_ms / 1000.0 if server_retry_ms is not None else self.default_retry
+        return float(min(self.max_backoff, base * 2 ** max(0, attempt - 1)))
+
+
+@dataclass(slots=True)
+class ChatResult:
+    """The whole answer of a finished stream."""
+
+    id: str | None
+    model: str | None
+    text: str
+    #: stop | length | tool_calls | content_filter | cancelled
+    finish_reason: str
+    usage: Usage | None
+    tool_calls: list[ToolCallCompleted]
+    #: The last structured value from ``json.partial`` events (None without structured output).
+    parsed: Any
+    metrics: StreamMetrics
+    cancel_reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.finish_reason == "cancelled"
+
+
+class _Dropped(Exception):
+    """The server closed the body before the terminal event."""
+
+
+@dataclass(slots=True)
+class _Target:
+    method: str
+    url: str
+    headers: dict[str, str]
+    json: dict[str, Any] | None = None
+
+
+@dataclass
+class _StreamCore:
+    base_url: str
+    headers: dict[str, str]
+    mapper: Mapper
+    policy: RetryPolicy
+    model: str | None = None
+    #: ``(path, body)`` of the request that starts the stream; None to attach to ``stream_id``.
+    start: tuple[str, dict[str, Any]] | None = None
+    stream_id: str | None = None
+    last_event_id: str = ""
+    retry_ms: int | None = None
+    #: Resume and server-side cancel are possible (the server named the stream).
+    resumable: bool = False
+    cancel_requested: bool = False
+    attempts: int = 0
+    connections: int = 0
+    text_parts: list[str] = field(default_factory=list)
+    tool_calls: dict[int, ToolCallCompleted] = field(default_factory=dict)
+    usage: Usage | None = None
+    parsed: Any = None
+    terminal: Event | None = None
+    metrics: StreamMetrics = field(default_factory=StreamMetrics)
+    _decoder: SSEDecoder = field(default_factory=SSEDecoder)
+    _last_seq: int = -1
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def next_target(self) -> _Target:
+        if self.connections == 0 and self.start is not None:
+            path, body = self.start
+            return _Target("POST", self.base_url + path, dict(self.headers), body)
+        headers = dict(self.headers)
+        if self.last_event_id:
+            headers["last-event-id"] = self.last_event_id
+        return _Target("GET", f"{self.base_url}/v1/streams/{self.stream_id}", headers)
+
+    def cancel_url(self) -> str:
+        return f"{self.base_url}/v1/streams/{self.stream_id}/cancel"
+
+    def sending(self) -> None:
+        if self.connections == 0:
+            # TTFT counts from the moment the request goes out, as a user would.
+            self.metrics.started_at = time.perf_counter()
+
+    def connected(self, response: httpx.Response) -> None:
+        if self.connections > 0:
+            self.metrics.reconnects += 1
+        self.connections += 1
+        header_id = response.headers.get("x-stream-id")
+        if header_id:
+            self.stream_id = header_id
+            self.mapper.stream_id = header_id
+            self.resumable = True
+        elif self.mapper.protocol == "native" and self.stream_id:
+            self.resumable = True
+        self._decoder = SSEDecoder()
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            raise BackendProtocolError(
+                f"expected an event stream (text/event-stream), got {content_type or 'nothing'}"
+            )
+
+    def http_error(self, response: httpx.Response, body: bytes) -> TokenwireError:
+        return error_from_response(response.status_code, body, response.headers, model=self.model)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        out: list[Event] = []
+        for sse in self._decoder.feed(chunk):
+            if sse.id:
+                self.last_event_id = sse.id
+            try:
+                events = self.mapper.on_event(sse)
+            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
+                raise BackendProtocolError(f"malformed stream event {sse.data[:200]!r}") from exc
+            for event in events:
+                if self._accept(event):
+                    out.append(event)
+        if self._decoder.retry is not None:
+            self.retry_ms = self._decoder.retry
+        if out:
+            self.attempts = 0
+        return out
+
+    def eof(self) -> list[Event]:
+        return [event for event in self.mapper.on_eof() if self._accept(event)]
+
+    def _accept(self, event: Event) -> bool:
+        """Record one event; False if it is a repeat of one already delivered."""
+        if self.terminal is not None:
+            return False
+        if self.mapper.protocol == "native" and event.seq >= 0:
+            if event.seq <= self._last_seq:
+                return False
+            self._last_seq = event.seq
+        if isinstance(event, TextDelta):
+            self.text_parts.append(event.text)
+            self.metrics.chunk()
+        elif isinstance(event, ToolCallDelta):
+            self.metrics.chunk()
+        elif isinstance(event, ToolCallCompleted):
+            self.tool_calls[event.index] = event
+        elif isinstance(event, JsonPartial):
+            self.parsed = event.value
+        elif isinstance(event, Usage):
+            self.usage = event
+            self.metrics.server_tokens = event.completion_tokens
+        elif isinstance(event, StreamStarted):
+            self.stream_id = self.stream_id or event.id or None
+            self.model = event.model or self.model
+        if event.terminal:
+            self.terminal = event
+            self.metrics.end()
+        return True
+
+    def cancelled_event(self) -> StreamCancelled:
+        event = StreamCancelled(seq=max(self._last_seq, 0) + 1, reason="stop")
+        self._accept(event)
+        return event
+
+    def mapped_terminal(self, event: Event) -> Event:
+        """A Stop we asked for ends foreign protocols with finish_reason "stop": say so."""
+        if (
+            self.cancel_requested
+            and self.mapper.protocol != "native"
+            and isinstance(event, StreamCompleted)
+            and event.finish_reason == "stop"
+        ):
+            cancelled = StreamCancelled(seq=event.seq, reason="stop")
+            self.terminal = cancelled
+            return cancelled
+        return event
+
+    # -- resume ------------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def interrupted(self, cause: BaseException) -> StreamInterrupted:
+        if not self.resumable:
+            why = "the server gave no stream id to resume with"
+        else:
+            why = f"{self.attempts - 1 if self.attempts else 0} resume attempt(s) failed"
+        last = int(self.last_event_id) if self.last_event_id.isdigit() else -1
+        exc = StreamInterrupted(
+            f"the stream broke ({cause!r}) and {why}", partial_text=self.text, last_event_id=last
+        )
+        exc.stream_id = self.stream_id  # type: ignore[attr-defined]
+        self.metrics.end()
+        return exc
+
+    def next_delay(self, cause: BaseException) -> float:
+        """Seconds to wait before the next resume attempt; raises once retries are spent."""
+        if not self.resumable or self.stream_id is None:
+            raise self.interrupted(cause) from cause
+        self.attempts += 1
+        if self.attempts > self.policy.max_retries:
+            raise self.interrupted(cause) from cause
+        return self.policy.delay(self.attempts, self.retry_ms)
+
+    def result(self) -> ChatResult:
+        terminal = self.terminal
+        if isinstance(terminal, StreamFailed):
+            exc = error_from_event(terminal.error)
+            exc.partial_text = self.text  # type: ignore[attr-defined]
+            raise exc
+        finish = "cancelled"
+        reason = None
+        if isinstance(terminal, StreamCompleted):
+            finish = terminal.finish_reason
+        elif isinstance(terminal, StreamCancelled):
+            reason = terminal.reason
+        return ChatResult(
+            id=self.stream_id,
+            model=self.model,
+            text=self.text,
+            finish_reason=finish,
+            usage=self.usage,
+            tool_calls=[self.tool_calls[i] for i in sorted(self.tool_calls)],
+            parsed=self.parsed,
+            metrics=self.metrics,
+            cancel_reason=reason,
+        )
+
+
+def _transport_error(exc: httpx.HTTPError, url: str) -> TokenwireError:
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout(f"{url}: timed out ({type(exc).__name__})")
+    return BackendUnavailable(f"could not reach {url}: {exc}")
+
+
+_DROPS = (httpx.TransportError, httpx.StreamError, _Dropped)
+
+
+class _StreamBase:
+    def __init__(self, core: _StreamCore) -> None:
+        self._core = core
+        self._entered = False
+        self._closed = False
+
+    @property
+    def id(self) -> str | None:
+        """The server's stream id (``X-Stream-Id``), once the stream started."""
+        return self._core.stream_id
+
+    @property
+    def metrics(self) -> StreamMetrics:
+        return self._core.metrics
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return self._core.text
+
+    @property
+    def resumable(self) -> bool:
+        """The server named the stream: resume and server-side Stop are available."""
+        return self._core.resumable
+
+    @property
+    def terminal(self) -> Event | None:
+        return self._core.terminal
+
+
+class ChatStream(_StreamBase):
+    """A streaming chat response (sync). Use as ``with client.chat.stream(...) as stream:``."""
+
+    def __init__(self, http: httpx.Client, core: _StreamCore) -> None:
+        super().__init__(core)
+        self._http = http
+        self._response: httpx.Response | None = None
+        self._source: Iterator[Event] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> ChatStream:
+        self._entered = True
+        self._open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the connection. Idempotent; the server keeps the stream for resume."""
+        self._closed = True
+        if self._source is not None:
+            self._source.close()  # type: ignore[attr-defined]
+        self._close_response()
+
+    def _close_response(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()
+
+    def _connect(self) -> httpx.Response:
+        core = self._core
+        target = core.next_target()
+        request = self._http.build_request(
+            target.method, target.url, headers=target.headers, json=target.json
+        )
+        core.sending()
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            if core.connections == 0:
+                raise _transport_error(exc, target.url) from exc
+            raise
+        if response.status_code != 200:
+            try:
+                body = response.read()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                response.close()
+            raise core.http_error(response, body)
+        try:
+            core.connected(response)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    def _open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this stream is closed")
+        if self._response is None and self._core.connections == 0:
+            self._response = self._connect()
+
+    def _reconnect(self, cause: BaseException) -> None:
+        core = self._core
+        while True:
+            time.sleep(core.next_delay(cause))
+            try:
+                self._response = self._connect()
+                return
+            except (StreamNotFound, StreamExpired) as exc:
+                raise core.interrupted(exc) from exc
+            except (httpx.HTTPError, TokenwireError) as exc:
+                cause = exc
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _events(self) -> Iterator[Event]:
+        core = self._core
+        try:
+            self._open()
+            while core.terminal is None:
+                try:
+                    assert self._response is not None
+                    for chunk in self._response.iter_bytes():
+                        for event in core.feed(chunk):
+                            event = core.mapped_terminal(event)
+                            yield event
+                            if event.terminal:
+                                return
+                    for event in core.eof():
+                        event = core.mapped_terminal(event)
+                        yield event
+                        if event.terminal:
+                            return
+                    raise _Dropped("the server closed the stream before its end")
+                except _DROPS as exc:
+                    self._close_response()
+                    if core.cancel_requested and not core.resumable:
+                        yield core.cancelled_event()
+                        return
+                    if self._closed:
+                        return
+                    self._reconnect(exc)
+        finally:
+            self._close_response()
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._source is None:
+            self._source = self._events()
+        source = self._source
+        try:
+            yield from _no_close(source)
+        finally:
+            if not self._entered:
+                self.close()
+
+    def text_stream(self) -> Iterator[str]:
+        """The text pieces as they arrive. Raises the typed error if the stream failed."""
+        for event in self:
+            if isinstance(event, TextDelta):
+                yield event.text
+            elif isinstance(event, StreamFailed):
+                self._core.result()
+
+    def partial_objects(self) -> Iterator[Any]:
+        """Each progressively validated value of a structured output (``json.partial``)."""
+        for event in self:
+            if isinstance(event, JsonPartial):
+                yield event.value
+            elif isinstance(event, StreamFailed):
+                self._core.result()
+
+    def final(self) -> ChatResult:
+        """Read to the end and return the whole result (raises if the stream failed)."""
+        for _ in self:
+            pass
+        return self._core.result()
+
+    def cancel(self) -> None:
+        """Stop generation on the server (``POST /v1/streams/{id}/cancel``).
+
+        Keep reading afterwards: the stream ends with ``stream.cancelled``. On a server that
+        named no stream, closing the connection is the only Stop there is, so that is done.
+        Safe to call from another thread (a signal handler's helper thread).
+        """
+        core = self._core
+        core.cancel_requested = True
+        if core.resumable and core.stream_id:
+            try:
+                response = self._http.post(core.cancel_url(), headers=core.headers)
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, core.cancel_url()) from exc
+            if response.status_code in (404, 410):
+                return  # already finished and gone: nothing to stop
+            if response.status_code >= 400:
+                raise core.http_error(response, response.content)
+            return
+        self._close_response()
+
+
+def _no_close(source: Iterator[Event]) -> Iterator[Event]:
+    """Iterate ``source`` without closing it when this wrapper is closed (``break``)."""
+    while True:
+        try:
+            event = next(source)
+        except StopIteration:
+            return
+        yield event
+
+
+class AsyncChatStream(_StreamBase):
+    """A streaming chat response (async). Use as ``async with client.chat.stream(...)``."""
+
+    def __init__(self, http: httpx.AsyncClient, core: _StreamCore) -> None:
+        super().__init__(core)
+        self._http = http
+        self._response: httpx.Response | None = None
+        self._source: AsyncIterator[Event] | None = None
+
+    async def __aenter__(self) -> AsyncChatStream:
+        self._entered = True
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the connection. Idempotent; the server keeps the stream for resume."""
+        self._closed = True
+        if self._source is not None:
+            await self._source.aclose()  # type: ignore[attr-defined]
+        await self._close_response()
+
+    async def _close_response(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            await response.aclose()
+
+    async def _connect(self) -> httpx.Response:
+        core = self._core
+        target = core.next_target()
+        request = self._http.build_request(
+            target.method, target.url, headers=target.headers, json=target.json
+        )
+        core.sending()
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            if core.connections == 0:
+                raise _transport_error(exc, target.url) from exc
+            raise
+        if response.status_code != 200:
+            try:
+                body = await response.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await response.aclose()
+            raise core.http_error(response, body)
+        try:
+            core.connected(response)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
+
+    async def _open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this stream is closed")
+        if self._response is None and self._core.connections == 0:
+            self._response = await self._connect()
+
+    async def _reconnect(self, cause: BaseException) -> None:
+        core = self._core
+        while True:
+            await asyncio.sleep(core.next_delay(cause))
+            try:
+                self._response = await self._connect()
+                return
+            except (StreamNotFound, StreamExpired) as exc:
+                raise core.interrupted(exc) from exc
+            except (httpx.HTTPError, TokenwireError) as exc:
+                cause = exc
+
+    async def _events(self) -> AsyncIterator[Event]:
+        core = self._core
+        try:
+            await self._open()
+            while core.terminal is None:
+                try:
+                    assert self._response is not None
+                    async for chunk in self._response.aiter_bytes():
+                        for event in core.feed(chunk):
+                            event = core.mapped_terminal(event)
+                            yield event
+                            if event.terminal:
+                                return
+                    for event in core.eof():
+                        event = core.mapped_terminal(event)
+                        yield event
+                        if event.terminal:
+                            return
+                    raise _Dropped("the server closed the stream before its end")
+                except _DROPS as exc:
+                    await self._close_response()
+                    if core.cancel_requested and not core.resumable:
+                        yield core.cancelled_event()
+                        return
+                    if self._closed:
+                        return
+                    await self._reconnect(exc)
+        finally:
+            await self._close_response()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        if self._source is None:
+            self._source = self._events()
+        source = self._source
+        try:
+            while True:
+                try:
+                    event = await anext(source)
+                except StopAsyncIteration:
+                    return
+                yield event
+        finally:
+            if not self._entered:
+                await self.aclose()
+
+    async def text_stream(self) -> AsyncIterator[str]:
+        """The text pieces as they arrive. Raises the typed error if the stream failed."""
+        async for event in self:
+            if isinstance(event, TextDelta):
+                yield event.text
+            elif isinstance(event, StreamFailed):
+                self._core.result()
+
+    async def partial_objects(self) -> AsyncIterator[Any]:
+        """Each progressively validated value of a structured output (``json.partial``)."""
+        async for event in self:
+            if isinstance(event, JsonPartial):
+                yield event.value
+            elif isinstance(event, StreamFailed):
+                self._core.result()
+
+    async def final(self) -> ChatResult:
+        """Read to the end and return the whole result (raises if the stream failed)."""
+        async for _ in self:
+            pass
+        return self._core.result()
+
+    async def cancel(self) -> None:
+        """Stop generation on the server; see :meth:`ChatStream.cancel`."""
+        core = self._core
+        core.cancel_requested = True
+        if core.resumable and core.stream_id:
+            try:
+                response = await self._http.post(core.cancel_url(), headers=core.headers)
+            except httpx.HTTPError as exc:
+                raise _transport_error(exc, core.cancel_url()) from exc
+            if response.status_code in (404, 410):
+                return
+            if response.status_code >= 400:
+                raise core.http_error(response, response.content)
+            return
+        await self._close_response()
