@@ -27,7 +27,7 @@ from tokenwire.errors import InvalidRequest, Overloaded, TokenwireError
 from tokenwire.events import Event
 from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
-from tokenwire.protocols import native, openai_chat, renderer_for
+from tokenwire.protocols import anthropic_messages, native, openai_chat, renderer_for
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 from tokenwire.server import ui
@@ -101,6 +101,9 @@ class Server:
     ) -> sse.EventSourceResponse:
         renderer = renderer_for(meta)
         named = getattr(renderer, "event_names", False)
+        # A stateful renderer (Anthropic's block indices) re-renders the stream from its
+        # start on resume and sends only what follows ``after``.
+        start = -1 if getattr(renderer, "needs_history", False) else after
         manager = self.manager
 
         async def frames() -> AsyncIterator[bytes]:
@@ -108,9 +111,9 @@ class Server:
             # rides on a data message: a bare `retry:` block is an empty event to the
             # official openai client, which then fails to parse it.
             retry_ms: int | None = 1000
-            async for event in manager.read(meta.id, after):
+            async for event in manager.read(meta.id, start):
                 payloads = renderer.render(event)
-                if not payloads:
+                if not payloads or event.seq <= after:
                     continue
                 parts = []
                 for payload in payloads:
@@ -171,6 +174,19 @@ class Server:
         body = openai_chat.aggregate(meta, events)
         if isinstance(body, TokenwireError):
             return error_response(body)
+        return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
+
+    async def messages(self, request: Request) -> Reply:
+        chat, wire = anthropic_messages.parse(await read_json(request))
+        meta = await self.manager.start(chat, protocol=anthropic_messages.PROTOCOL)
+        if wire.stream:
+            return self.event_stream(meta, after=-1, headers=_cache_header(chat))
+        events = await self.collect(meta, request.receive)
+        if events is None:
+            return Response(status_code=499)
+        body = anthropic_messages.aggregate(meta, events)
+        if isinstance(body, TokenwireError):
+            return error_response(body, anthropic_messages.error_body)
         return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
 
     async def start_native(self, request: Request) -> Reply:
@@ -234,6 +250,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and methods answer in OpenAI's error shape, not Starlette's text."""
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", "error")
+    if request.url.path.startswith("/v1/messages"):
+        message = f"{detail}: {request.method} {request.url.path}"
+        error = TokenwireError(message)
+        error.status_code = status
+        return JSONResponse(anthropic_messages.error_body(error), status_code=status)
     body = {
         "error": {
             "message": f"{detail}: {request.method} {request.url.path}",
@@ -254,11 +275,14 @@ def create_app(
     """The ASGI app. ``backend`` replaces the embedded model (tests, gateway-only)."""
     settings = settings or Settings()
     if router is None:
-        if backend is None:
+        from tokenwire.gateway import build_router
+
+        if backend is None and not settings.no_embedded:
             from tokenwire.backends.llamacpp import LlamaCppBackend
 
             backend = LlamaCppBackend.from_settings(settings)
-        router = Router(backend)
+        # The embedded model (or ``backend``) stays the default; upstreams join beside it.
+        router = build_router(settings, backend)
     journal = open_journal(
         settings.journal,
         ttl=settings.stream_ttl,
@@ -303,6 +327,11 @@ def create_app(
 
     routes = [
         Route("/v1/chat/completions", _handler(server.chat_completions), methods=["POST"]),
+        Route(
+            "/v1/messages",
+            _handler(server.messages, anthropic_messages.error_body),
+            methods=["POST"],
+        ),
         Route("/v1/streams", _handler(server.start_native), methods=["POST"]),
         Route("/v1/streams/{stream_id}", _handler(server.resume), methods=["GET"]),
         Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),

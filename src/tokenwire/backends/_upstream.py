@@ -1,0 +1,605 @@
+"""What every upstream backend shares: config, pooled httpx client, incremental SSE, timeouts.
+
+An upstream backend (``openai.py``, ``anthropic.py``) only says how to build the request body
+and how to turn the upstream's SSE messages into events (a ``ChunkDecoder``). This module
+runs one attempt against one upstream (``UpstreamCall``) and promises:
+
+- the upstream's bytes are parsed incrementally (``SSEParser``): each byte is scanned once,
+  and the events of a network read are handed on the moment the read returns;
+- ``opened`` resolves when the upstream answered 2xx; refused connections, 5xx and timeouts
+  raise ``BackendUnavailable`` / ``BackendTimeout``, a 4xx the client caused raises
+  ``InvalidRequest`` (the gateway fails over on the former, never on the latter);
+- a first-token deadline, then an inter-token idle deadline, both kept by one timer that is
+  re-armed only when it fires (no per-chunk timer cost);
+- Stop (the ``CancelToken``), a timeout or closing the call cancels the reader task at once,
+  which closes the upstream HTTP connection, so the upstream stops generating.
+
+Foreign exceptions (httpx) are translated here, at the edge.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from tokenwire.backends.base import Backend, ModelInfo
+from tokenwire.cancel import CancelToken
+from tokenwire.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+    InvalidRequest,
+    RequestError,
+)
+from tokenwire.events import Event, StreamCompleted, TextDelta, ToolCallDelta, ToolCallStarted
+from tokenwire.requests import ChatRequest
+
+__all__ = [
+    "ChunkDecoder",
+    "SSEParser",
+    "UpstreamBackend",
+    "UpstreamCall",
+    "UpstreamConfig",
+    "is_content",
+]
+
+log = logging.getLogger("tokenwire.backends.upstream")
+
+#: Events that mean the upstream has started answering; before one of them a failure is
+#: invisible to the client (the gateway fails over), after it the failure is the client's.
+_CONTENT = (TextDelta, ToolCallStarted, ToolCallDelta, StreamCompleted)
+
+
+def is_content(event: Event) -> bool:
+    return isinstance(event, _CONTENT)
+
+
+@dataclass(slots=True, kw_only=True)
+class UpstreamConfig:
+    """One upstream server (docs/configuration.md has the reference)."""
+
+    name: str
+    #: Base URL ending in ``/v1`` (``…/v1/chat/completions`` / ``…/v1/messages`` follow).
+    url: str
+    kind: str = "openai"  # openai | anthropic
+    #: Environment variable holding the API key (None: ``<NAME>_API_KEY`` if set).
+    api_key_env: str | None = None
+    #: Models this upstream serves besides its NAME and what its /v1/models lists.
+    models: list[str] = field(default_factory=list)
+    #: alias -> model name on this upstream.
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: Model sent upstream when a request names the upstream itself (None: first listed).
+    default_model: str | None = None
+    #: Lower is tried first when several upstreams serve a model.
+    priority: int = 0
+    #: Extra attempts on this upstream before failing over to the next.
+    retries: int = 0
+    retry_backoff: float = 0.1
+    connect_timeout: float = 5.0
+    #: From sending the request to the first token.
+    first_token_timeout: float = 60.0
+    #: Between two upstream chunks once tokens flow.
+    idle_timeout: float = 30.0
+    #: Seconds between /v1/models refreshes (0: never refresh, only at start).
+    refresh_models: float = 60.0
+    #: A failed upstream is tried last for this many seconds.
+    cooldown: float = 5.0
+    max_connections: int = 256
+    #: Anthropic requires max_tokens; used when the request gives none.
+    max_tokens: int = 4096
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def api_key(self) -> str | None:
+        env = self.api_key_env or f"{self.name.upper().replace('-', '_')}_API_KEY"
+        return os.environ.get(env) or None
+
+
+# -- incremental SSE -----------------------------------------------------------------------
+
+
+class SSEParser:
+    """Server-Sent Events, parsed as bytes arrive; each byte is scanned once.
+
+    Only the incomplete last line of a read is kept (as pieces, joined once when its
+    newline arrives), so a long event split over many reads costs no rescans. Handles LF,
+    CRLF and CR line ends, comments, ``event:`` and multi-line ``data:``.
+    """
+
+    __slots__ = ("_data", "_event", "_pending", "_skip_lf")
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = []
+        self._data: list[bytes] = []
+        self._event = b""
+        self._skip_lf = False  # the previous read ended in CR: a leading LF belongs to it
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """Complete messages in ``chunk``: ``(event name, data)`` pairs."""
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skip_lf = False
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:
+            if chunk:
+                self._pending.append(chunk)
+            return []
+        if self._pending:
+            self._pending.append(lines[0])
+            lines[0] = b"".join(self._pending)
+            self._pending = []
+        tail = lines.pop()
+        if tail:
+            self._pending.append(tail)
+        out: list[tuple[str, bytes]] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    out.append((self._event.decode(), b"\n".join(data)))
+                    data.clear()
+                self._event = b""
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip()
+            # comments (":"), id: and retry: carry nothing an upstream relay needs
+        return out
+
+    def pending(self) -> bool:
+        """True if bytes of an unfinished message are buffered."""
+        return bool(self._pending or self._data)
+
+
+class ChunkDecoder(abc.ABC):
+    """Turns one upstream stream's SSE messages into events (one instance per attempt)."""
+
+    @abc.abstractmethod
+    def decode(self, event: str, data: bytes) -> list[Event]:
+        """Events for one SSE message; raise ``BackendError``s for upstream errors."""
+
+    @abc.abstractmethod
+    def finish(self) -> list[Event]:
+        """The body ended: the closing events, or raise if the upstream stopped short."""
+
+    @property
+    @abc.abstractmethod
+    def done(self) -> bool:
+        """The upstream sent its terminal message; later bytes are ignored."""
+
+
+def load_json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BackendProtocolError(f"malformed upstream chunk (not JSON): {data[:200]!r}") from exc
+
+
+# -- one attempt ---------------------------------------------------------------------------
+
+
+#: Reader tasks finishing a complete answer's body (strong refs: the loop keeps weak ones).
+_DRAINING: set[asyncio.Task[None]] = set()
+
+
+class UpstreamCall:
+    """One HTTP request to one upstream, read by its own task into a buffer.
+
+    The reader task parses each network read and wakes the consumer once per read; Stop and
+    timeouts cancel that task, which closes the HTTP connection.
+    """
+
+    def __init__(
+        self,
+        backend: UpstreamBackend,
+        request: ChatRequest,
+        model: str,
+        cancel: CancelToken,
+    ) -> None:
+        self.backend = backend
+        self.config = backend.config
+        self.cancel = cancel
+        self._loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = self._loop.create_future()
+        self._buffer: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._finished = False
+        self._cancelled = False
+        self._draining = False
+        self._content = False
+        self._started = self._loop.time()
+        self._last = self._started
+        self.ttft_ms: float | None = None
+        url, body = backend.build_request(request, model)
+        self._task = self._loop.create_task(self._read(url, body), name=f"upstream-{backend.name}")
+        self._watch = self._loop.create_task(self._watch_cancel())
+        self._timer = self._loop.call_at(
+            self._started + self.config.first_token_timeout, self._check_deadline
+        )
+
+    # -- reader task -------------------------------------------------------------------
+
+    async def _read(self, url: str, body: dict[str, Any]) -> None:
+        backend = self.backend
+        try:
+            request = backend.client.build_request(
+                "POST", url, content=orjson.dumps(body), headers=backend.request_headers()
+            )
+            response = await backend.client.send(request, stream=True)
+            try:
+                if response.status_code >= 300:
+                    raise await _status_error(backend.name, response)
+                if not self.opened.done():
+                    self.opened.set_result(None)
+                parser = SSEParser()
+                decoder = backend.decoder()
+                feed = parser.feed
+                decode = decoder.decode
+                push = self._push
+                chunks = response.aiter_raw()
+                async for raw in chunks:
+                    events: list[Event] = []
+                    for name, data in feed(raw):
+                        events += decode(name, data)
+                        if decoder.done:
+                            break
+                    if events:
+                        push(events)
+                    if decoder.done:
+                        break
+                else:
+                    if parser.pending():
+                        for name, data in parser.feed(b"\n\n"):
+                            events = decode(name, data)
+                            if events:
+                                push(events)
+                if not decoder.done:
+                    events = decoder.finish()
+                    if events:
+                        push(events)
+                else:
+                    # Read the end of the body so the connection goes back to the pool.
+                    self._draining = True
+                    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+                        async with asyncio.timeout(2.0):
+                            async for _ in chunks:
+                                pass
+            finally:
+                await response.aclose()
+        except asyncio.CancelledError:
+            pass  # Stop or a timeout: whoever cancelled set the outcome
+        except BaseException as exc:
+            self._error = _translate(exc, self.backend.name)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._finished = True
+            self._timer.cancel()
+            if not self.opened.done():
+                if self._error is not None:
+                    self.opened.set_exception(self._error)
+                    self.opened.exception()  # retrieved: the consumer may never look
+                else:
+                    self.opened.set_result(None)
+            self._wake()
+
+    def _push(self, events: list[Event]) -> None:
+        now = self._loop.time()
+        self._last = now
+        if not self._content:
+            for event in events:
+                if is_content(event):
+                    self._content = True
+                    self.ttft_ms = round((now - self._started) * 1000, 2)
+                    # From now on the (usually shorter) idle deadline applies.
+                    self._timer.cancel()
+                    self._timer = self._loop.call_at(
+                        now + self.config.idle_timeout, self._check_deadline
+                    )
+                    break
+        self._buffer.extend(events)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- watchers ----------------------------------------------------------------------
+
+    def _check_deadline(self) -> None:
+        if self._finished:
+            return
+        if self._content:
+            limit, what = self.config.idle_timeout, "between tokens"
+        else:
+            limit, what = self.config.first_token_timeout, "before the first token"
+        deadline = self._last + limit if self._content else self._started + limit
+        now = self._loop.time()
+        if now < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            return
+        self._error = BackendTimeout(
+            f"upstream {self.backend.name} sent nothing for {limit:g}s {what}",
+            code="upstream_timeout",
+        )
+        self._task.cancel()
+
+    async def _watch_cancel(self) -> None:
+        await self.cancel.wait()
+        if not self._finished:
+            self._cancelled = True
+            self._task.cancel()
+
+    # -- consumer ----------------------------------------------------------------------
+
+    @property
+    def content_started(self) -> bool:
+        return self._content
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The events as they arrive; ends quietly on Stop, raises ``BackendError``s."""
+        buffer = self._buffer
+        loop = self._loop
+        while True:
+            while buffer:
+                event = buffer.popleft()
+                yield event
+                if event.terminal:
+                    return
+            if self._finished:
+                if self._error is not None and not self._cancelled:
+                    raise self._error
+                return
+            self._waiter = loop.create_future()
+            await self._waiter
+            self._waiter = None
+
+    async def aclose(self) -> None:
+        """Stop reading; closes the upstream connection if the answer was not finished."""
+        self._timer.cancel()
+        self._watch.cancel()
+        if self._draining and not self._task.done():
+            # The answer is complete; let the reader finish the body in the background.
+            _DRAINING.add(self._task)
+            self._task.add_done_callback(_DRAINING.discard)
+        elif not self._task.done():
+            self._task.cancel()
+            # Bounded: closing a socket does not block, but never hang a producer on it.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({self._task}, timeout=2.0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({self._watch}, timeout=1.0)
+
+
+async def _status_error(name: str, response: httpx.Response) -> BackendError | RequestError:
+    try:
+        body = (await response.aread())[:2000]
+    except httpx.HTTPError:
+        body = b""
+    detail = _error_message(body) or response.reason_phrase
+    status = response.status_code
+    message = f"upstream {name} answered {status}: {detail}"
+    # The client's fault: another upstream would refuse it too, so no failover.
+    if status in (400, 413, 422):
+        return InvalidRequest(message, code="upstream_rejected")
+    return BackendUnavailable(message, code=f"upstream_{status}")
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace").strip()[:500]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body.decode("utf-8", "replace")[:500]
+
+
+def _translate(exc: BaseException, name: str) -> BaseException:
+    """httpx errors -> the tokenwire tree (our own errors pass through)."""
+    if isinstance(exc, BackendError | RequestError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        error: BaseException = BackendTimeout(
+            f"upstream {name}: {type(exc).__name__}", code="upstream_timeout"
+        )
+    elif isinstance(exc, httpx.ConnectError):
+        error = BackendUnavailable(
+            f"upstream {name} is unreachable: {exc}", code="upstream_unreachable"
+        )
+    elif isinstance(exc, httpx.TransportError):
+        error = BackendUnavailable(
+            f"upstream {name} broke the connection: {type(exc).__name__} {exc}",
+            code="upstream_disconnected",
+        )
+    elif isinstance(exc, Exception):
+        log.exception("unexpected error reading upstream %s", name)
+        error = BackendProtocolError(f"upstream {name}: {type(exc).__name__}: {exc}")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
+
+
+# -- the backend ---------------------------------------------------------------------------
+
+
+class UpstreamBackend(Backend):
+    """A model server reached over HTTP. Subclasses build bodies and decode chunks."""
+
+    #: Path under the base URL that streams an answer (``/chat/completions``…).
+    path: str = ""
+
+    def __init__(self, config: UpstreamConfig, *, client: httpx.AsyncClient | None = None):
+        self.config = config
+        self.name = config.name
+        self.base_url = config.url.rstrip("/")
+        self._client = client
+        self._owns_client = client is None
+        self._discovered: list[str] = []
+        self._refresh_task: asyncio.Task[None] | None = None
+        self.failed_at: float = -1e18
+
+    # -- what subclasses provide ---------------------------------------------------------
+
+    @abc.abstractmethod
+    def build_request(self, request: ChatRequest, model: str) -> tuple[str, dict[str, Any]]:
+        """The URL and JSON body that stream ``request`` from ``model``."""
+
+    @abc.abstractmethod
+    def decoder(self) -> ChunkDecoder:
+        """A fresh decoder for one response."""
+
+    def auth_headers(self, key: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {key}"}
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            config = self.config
+            self._client = httpx.AsyncClient(
+                # read=None: the call's first-token and idle deadlines govern reads.
+                timeout=httpx.Timeout(
+                    connect=config.connect_timeout,
+                    read=None,
+                    write=config.connect_timeout,
+                    pool=config.connect_timeout,
+                ),
+                limits=httpx.Limits(
+                    max_connections=config.max_connections,
+                    max_keepalive_connections=config.max_connections,
+                ),
+                trust_env=False,
+            )
+        return self._client
+
+    def request_headers(self) -> dict[str, str]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            # Compressed SSE would be buffered by the decompressor; ask for none.
+            "accept-encoding": "identity",
+            **self.config.headers,
+        }
+        key = self.config.api_key()
+        if key:
+            headers.update(self.auth_headers(key))
+        return headers
+
+    # -- models --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh_models()
+        if self.config.refresh_models > 0:
+            self._refresh_task = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh_task
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_models)
+            await self.refresh_models()
+
+    async def refresh_models(self) -> None:
+        """Ask the upstream's ``/models``; keep the last good list when it fails."""
+        try:
+            response = await self.client.get(
+                f"{self.base_url}/models", headers=self.request_headers(), timeout=5.0
+            )
+            response.raise_for_status()
+            data = response.json().get("data", [])
+            names = [str(item["id"]) for item in data if isinstance(item, dict) and "id" in item]
+        except (httpx.HTTPError, ValueError, AttributeError, KeyError) as exc:
+            log.warning("upstream %s: could not list models: %s", self.name, exc)
+            return
+        self._discovered = names
+
+    def model_names(self) -> list[str]:
+        names = [self.name, *self.config.models, *self._discovered, *self.config.aliases]
+        return list(dict.fromkeys(names))
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name, owned_by=self.name) for name in self.model_names()]
+
+    def serves(self, model: str) -> bool:
+        return (
+            model == self.name
+            or model in self.config.aliases
+            or model in self.config.models
+            or model in self._discovered
+        )
+
+    async def ensure_models(self) -> None:
+        """List the upstream's models now if nothing tells what its NAME means (it was
+        down at start): the first request must not send the NAME as a model name."""
+        if not (self.config.default_model or self.config.models or self._discovered):
+            await self.refresh_models()
+
+    def upstream_model(self, model: str) -> str:
+        """The model name to send upstream for a request that asked for ``model``."""
+        model = self.config.aliases.get(model, model)
+        if model == self.name or model == "default":
+            return (
+                self.config.default_model
+                or next(iter(self.config.models), None)
+                or next(iter(self._discovered), None)
+                or model
+            )
+        return model
+
+    # -- streaming -----------------------------------------------------------------------
+
+    def open(
+        self, request: ChatRequest, cancel: CancelToken, model: str | None = None
+    ) -> UpstreamCall:
+        """Start one attempt; read ``call.opened`` and ``call.events()``."""
+        return UpstreamCall(self, request, self.upstream_model(model or request.model), cancel)
+
+    async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+        """One attempt, no failover (the gateway adds that across upstreams)."""
+        from tokenwire.events import Progress
+
+        call = self.open(request, cancel)
+        try:
+            await asyncio.shield(call.opened)
+            yield Progress(stage="connecting", message=f"upstream {self.name}")
+            async for event in call.events():
+                yield event
+        finally:
+            await call.aclose()
+
+    def mark_failed(self) -> None:
+        self.failed_at = time.monotonic()
+
+    def cooling_down(self) -> bool:
+        return time.monotonic() - self.failed_at < self.config.cooldown
