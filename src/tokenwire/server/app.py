@@ -17,8 +17,9 @@ import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive
+from starlette.websockets import WebSocket
 
 from tokenwire.backends.base import Backend
 from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
@@ -35,6 +36,7 @@ from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
 from tokenwire.streams import Stage, StreamManager
 from tokenwire.transports import sse
+from tokenwire.transports.websocket import StreamOps, WebSocketSession
 
 __all__ = ["create_app"]
 
@@ -223,6 +225,24 @@ class Server:
     async def healthz(self, request: Request) -> Reply:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
 
+    async def websocket(self, websocket: WebSocket) -> None:
+        manager = self.manager
+
+        async def start(body: Any) -> str:
+            chat, _ = native.parse(body)
+            return (await manager.start(chat, protocol=native.PROTOCOL)).id
+
+        async def read(stream_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
+            # The socket speaks native events whatever protocol the stream started in.
+            async for event in manager.read(stream_id, after):
+                yield event.to_dict()
+
+        async def cancel(stream_id: str) -> None:
+            await manager.cancel(stream_id, "stop")
+
+        ops = StreamOps(start=start, read=read, cancel=cancel, check=manager.meta)
+        await WebSocketSession(websocket, ops, send_timeout=self.settings.send_timeout).run()
+
 
 def _cache_header(chat: ChatRequest) -> dict[str, str]:
     status = chat.extra.get(CACHE_STATUS_KEY)
@@ -337,6 +357,7 @@ def create_app(
         Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),
         Route("/v1/models", _handler(server.models), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
+        WebSocketRoute("/v1/ws", server.websocket),
         Route("/metrics", server.metrics, methods=["GET"]),
         *ui.routes(),
     ]
