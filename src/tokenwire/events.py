@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 __all__ = [
     "TERMINAL_TYPES",
     "Event",
+    "GuardTriggered",
     "JsonPartial",
     "Progress",
     "StreamCancelled",
@@ -108,6 +109,16 @@ class JsonPartial(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class GuardTriggered(Event):
+    """A guard on the streamed text fired; the stream ends with ``content_filter``."""
+
+    type: ClassVar[str] = "guard.triggered"
+    guard: str
+    match: str = ""
+    position: int | None = None  # character offset of the match in the streamed text
+
+
+@dataclass(slots=True, kw_only=True)
 class Usage(Event):
     type: ClassVar[str] = "usage"
     prompt_tokens: int
@@ -149,6 +160,7 @@ _EVENT_TYPES: dict[str, type[Event]] = {
         ToolCallDelta,
         ToolCallCompleted,
         JsonPartial,
+        GuardTriggered,
         Usage,
         StreamCompleted,
         StreamCancelled,
