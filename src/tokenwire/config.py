@@ -44,6 +44,16 @@ class Settings:
     #: Skip loading the embedded model (gateway-only deployments).
     no_embedded: bool = False
     warmup: bool = True
+    #: Server-side tools: ``module:attr`` references (see ``tokenwire.tools``).
+    tools: list[str] = field(default_factory=list)
+    #: Seconds a server-side tool may run before its call returns a timeout error.
+    tool_timeout: float = 30.0
+    #: Tool rounds per request before the model must answer in text.
+    max_tool_steps: int = 4
+    #: Guards on streamed text: ``NAME=REGEX`` or ``REGEX`` (env: one per line).
+    guard: list[str] = field(default_factory=list)
+    #: Guards as Python predicates: ``module:attr`` references.
+    guard_predicate: list[str] = field(default_factory=list)
     #: Sequences the embedded model decodes together (continuous batching); 1: one at a time.
     parallel: int = 8
     #: Prompt tokens prefilled per decode step, so running streams keep decoding meanwhile.
@@ -91,8 +101,10 @@ def _coerce(name: str, raw: str) -> Any:
     kind: type = (
         type(default) if default is not None and default is not dataclasses.MISSING else str
     )
-    if name == "upstream":
+    if name in ("upstream", "tools", "guard_predicate"):
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if name == "guard":  # regexes may contain commas
+        return [line for line in raw.splitlines() if line.strip()]
     if name == "threads":
         return int(raw)
     if kind is bool:

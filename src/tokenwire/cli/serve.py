@@ -47,6 +47,17 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--no-embedded", action="store_true", default=None, help="do not load the embedded model"
     )
+    parser.add_argument(
+        "--tools", action="append", help="server-side tools, module:attr (repeatable)"
+    )
+    parser.add_argument("--tool-timeout", type=float, help="seconds per tool call (30)")
+    parser.add_argument("--max-tool-steps", type=int, help="tool rounds per request (4)")
+    parser.add_argument(
+        "--guard", action="append", help="NAME=REGEX guard on streamed text (repeatable)"
+    )
+    parser.add_argument(
+        "--guard-predicate", action="append", help="module:attr predicate guard (repeatable)"
+    )
     parser.set_defaults(run=run)
 
 

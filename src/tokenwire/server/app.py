@@ -34,6 +34,7 @@ from tokenwire.router import Router
 from tokenwire.server import ui
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
+from tokenwire.stages.pipeline import build_stages
 from tokenwire.streams import Stage, StreamManager
 from tokenwire.transports import sse
 from tokenwire.transports.websocket import StreamOps, WebSocketSession
@@ -319,6 +320,8 @@ def create_app(
             on_lookup=metrics.cache_lookup,
         )
         stages.append(cache.stage)  # innermost: stores what the backend produced
+    # Tool calls, server-side tools, structured output, guards (stages/pipeline.py).
+    stages.extend(build_stages(settings, router))
     # Outside the cache, so replays are coalesced the same way as live streams.
     stages.append(coalesce_stage(parse_coalesce(settings.coalesce, param="coalesce")))
     manager = StreamManager(
