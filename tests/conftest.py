@@ -92,3 +92,8 @@ def server() -> Iterator[RunningServer]:
     """
     with tokenwire_server("--disconnect-grace", "0", "--heartbeat", "1") as running:
         yield running
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

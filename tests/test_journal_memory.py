@@ -1,0 +1,81 @@
+"""MemoryJournal: numbering, replay then live with no gap or duplicate, TTL eviction."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenwire.errors import StreamExpired, StreamNotFound
+from tokenwire.events import StreamCompleted, StreamStarted, TextDelta
+from tokenwire.journal import MemoryJournal, StreamMeta
+
+pytestmark = pytest.mark.anyio
+
+
+def meta(stream_id: str = "s1") -> StreamMeta:
+    return StreamMeta(id=stream_id, model="m", protocol="native", created=0)
+
+
+async def test_append_numbers_events_in_order() -> None:
+    journal = MemoryJournal()
+    await journal.create(meta())
+    seqs = [
+        await journal.append("s1", StreamStarted(id="s1", model="m", created=0)),
+        await journal.append("s1", TextDelta(text="a")),
+        await journal.append("s1", StreamCompleted()),
+    ]
+    assert seqs == [0, 1, 2]
+    assert [e.seq async for e in journal.read("s1")] == [0, 1, 2]
+
+
+async def test_reader_joining_mid_stream_sees_every_later_event_once() -> None:
+    journal = MemoryJournal()
+    await journal.create(meta())
+    for i in range(5):
+        await journal.append("s1", TextDelta(text=str(i)))
+
+    async def produce() -> None:
+        for i in range(5, 50):
+            await journal.append("s1", TextDelta(text=str(i)))
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+        await journal.append("s1", StreamCompleted())
+
+    seen: list[int] = []
+
+    async def consume() -> None:
+        async for event in journal.read("s1", after=2):
+            seen.append(event.seq)
+
+    with anyio_timeout(5):
+        await asyncio.gather(consume(), produce())
+    assert seen == list(range(3, 51))
+
+
+async def test_unknown_and_expired_streams() -> None:
+    journal = MemoryJournal(ttl=0.0)
+    with pytest.raises(StreamNotFound):
+        await journal.meta("nope")
+    await journal.create(meta("old"))
+    await journal.append("old", StreamCompleted())
+    journal.evict()
+    with pytest.raises(StreamExpired, match="expired"):
+        await journal.meta("old")
+
+
+async def test_count_bound_evicts_oldest_finished_first() -> None:
+    journal = MemoryJournal(max_finished=2)
+    for name in ("a", "b", "c"):
+        await journal.create(meta(name))
+        await journal.append(name, StreamCompleted())
+    journal.evict()
+    with pytest.raises(StreamExpired):
+        await journal.meta("a")
+    assert (await journal.meta("c")).id == "c"
+
+
+def anyio_timeout(seconds: float):  # type: ignore[no-untyped-def]
+    import anyio
+
+    return anyio.fail_after(seconds)

@@ -1,0 +1,62 @@
+"""StopMatcher: stop text never escapes, however the text is split into tokens."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenwire.stages.stop import StopMatcher
+
+
+def run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    matcher = StopMatcher(stops)
+    out = []
+    for piece in pieces:
+        text, matched = matcher.feed(piece)
+        out.append(text)
+        if matched:
+            return "".join(out), True
+    out.append(matcher.flush())
+    return "".join(out), False
+
+
+def expected(text: str, stops: list[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stops if s and s in text]
+    if not hits:
+        return text, False
+    return text[: min(hits)], True
+
+
+def splits(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+@given(
+    text=st.text(alphabet="ab<|>x ", max_size=40),
+    stops=st.lists(st.text(alphabet="ab<|>", min_size=1, max_size=5), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=12),
+)
+def test_any_split_gives_the_text_before_the_first_stop(
+    text: str, stops: list[str], cuts: list[int]
+) -> None:
+    assert run(splits(text, cuts), stops) == expected(text, stops)
+
+
+def test_holds_back_only_what_could_start_a_stop() -> None:
+    matcher = StopMatcher(["</end>"])
+    assert matcher.feed("hello </") == ("hello ", False)
+    assert matcher.feed("en") == ("", False)
+    assert matcher.feed("x and more") == ("</enx and more", False)
+
+
+def test_stop_split_across_tokens_is_never_emitted() -> None:
+    matcher = StopMatcher(["STOP"])
+    assert matcher.feed("one ST") == ("one ", False)
+    assert matcher.feed("OP two") == ("", True)
+
+
+def test_no_stops_passes_text_through() -> None:
+    matcher = StopMatcher([])
+    assert matcher.feed("abc") == ("abc", False)
+    assert matcher.flush() == ""
