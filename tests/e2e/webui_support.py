@@ -109,19 +109,21 @@ class ScriptedBackend(Backend):
 
     ``hostile``: model-written HTML/JS; ``tools``: a tool call whose arguments stream, then
     partial JSON; ``demo``: rich markdown; anything else: echoes the request back.
-    ``hold`` (a threading.Event): when given, the ``tools`` script waits for it mid-stream.
+    ``gates``: the ``tools`` script waits at "args" (arguments streamed, not yet complete)
+    and at "json" (partial JSON shown, not yet final) until the test sets that event.
     """
 
     gap: float = 0.03
-    hold: threading.Event | None = None
+    gates: dict[str, threading.Event] = field(default_factory=dict)
     requests: list[ChatRequest] = field(default_factory=list)
     name: str = "scripted"
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("scripted"), ModelInfo("scripted-2")]
 
-    async def _wait_hold(self, cancel: CancelToken) -> None:
-        while self.hold is not None and not self.hold.is_set() and not cancel.is_cancelled():
+    async def _wait_gate(self, name: str, cancel: CancelToken) -> None:
+        gate = self.gates.get(name)
+        while gate is not None and not gate.is_set() and not cancel.is_cancelled():
             await asyncio.sleep(0.02)
 
     async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
@@ -140,11 +142,11 @@ class ScriptedBackend(Backend):
                 TextDelta(text="Checking the weather."),
                 ToolCallStarted(index=0, id="call_1", name="get_weather"),
                 *[ToolCallDelta(index=0, arguments_delta=c) for c in chunks(arguments, 6)],
-                "hold",
+                "gate:args",
                 ToolCallCompleted(index=0, id="call_1", name="get_weather", arguments=arguments),
                 JsonPartial(value={"city": "Par"}, path="city"),
                 JsonPartial(value={"city": "Paris", "forecast": [18]}, path="forecast.0"),
-                "hold",
+                "gate:json",
                 JsonPartial(value={"city": "Paris", "forecast": [18, 21, 19]}, path=""),
             ]
         else:
@@ -156,8 +158,8 @@ class ScriptedBackend(Backend):
         for event in events:
             if cancel.is_cancelled():
                 return
-            if event == "hold":
-                await self._wait_hold(cancel)
+            if isinstance(event, str):
+                await self._wait_gate(event.removeprefix("gate:"), cancel)
                 continue
             assert isinstance(event, Event)
             await asyncio.sleep(self.gap)

@@ -654,6 +654,10 @@ ui.toggleSidebar.addEventListener("click", () => {
   ui.toggleSidebar.setAttribute("aria-expanded", String(open));
   if (open) ui.newChat.focus();
 });
+ui.app.addEventListener("click", (event) => {
+  // The drawer's backdrop is the app's own ::after: a click on it targets the app itself.
+  if (event.target === ui.app && ui.app.dataset.sidebar === "open") closeSidebar();
+});
 ui.toggleSettings.addEventListener("click", () => {
   const open = ui.settings.hidden;
   ui.settings.hidden = !open;
