@@ -197,15 +197,18 @@ class Gateway(Backend):
                 call = upstream.open(request, cancel, model)
                 try:
                     if not announced:
-                        # Wait briefly for the answer headers: a 4xx or "all down" is then
-                        # still a clean error response instead of a started stream.
+                        # Wait briefly for the first token: an upstream 4xx, or every
+                        # upstream failing fast, is then still a clean error response
+                        # instead of a started stream. A slower upstream starts the stream
+                        # with a progress event, so headers and heartbeats go out.
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(max(accept_by - loop.time(), 0.0)):
-                                await asyncio.shield(call.opened)
+                                await asyncio.shield(call.ready)
                         if cancel.is_cancelled():
                             return
                         announced = True
-                        yield Progress(stage="connecting", message=f"upstream {upstream.name}")
+                        if not call.ready.done():
+                            yield Progress(stage="connecting", message=f"upstream {upstream.name}")
                     async for event in call.events():
                         if isinstance(event, Usage) and event.ttft_ms is None:
                             event.ttft_ms = call.ttft_ms

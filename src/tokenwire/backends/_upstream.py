@@ -92,6 +92,8 @@ class UpstreamConfig:
     first_token_timeout: float = 60.0
     #: Between two upstream chunks once tokens flow.
     idle_timeout: float = 30.0
+    #: Ask the upstream's /v1/models at all (false: serve NAME, models and aliases only).
+    discover_models: bool = True
     #: Seconds between /v1/models refreshes (0: never refresh, only at start).
     refresh_models: float = 60.0
     #: A failed upstream is tried last for this many seconds.
@@ -215,6 +217,8 @@ class UpstreamCall:
         self.cancel = cancel
         self._loop = asyncio.get_running_loop()
         self.opened: asyncio.Future[None] = self._loop.create_future()
+        #: Resolves at the first content event or the end of the attempt (with its error).
+        self.ready: asyncio.Future[None] = self._loop.create_future()
         self._buffer: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -290,12 +294,14 @@ class UpstreamCall:
         finally:
             self._finished = True
             self._timer.cancel()
-            if not self.opened.done():
+            for future in (self.opened, self.ready):
+                if future.done():
+                    continue
                 if self._error is not None:
-                    self.opened.set_exception(self._error)
-                    self.opened.exception()  # retrieved: the consumer may never look
+                    future.set_exception(self._error)
+                    future.exception()  # retrieved: the consumer may never look
                 else:
-                    self.opened.set_result(None)
+                    future.set_result(None)
             self._wake()
 
     def _push(self, events: list[Event]) -> None:
@@ -306,6 +312,7 @@ class UpstreamCall:
                 if is_content(event):
                     self._content = True
                     self.ttft_ms = round((now - self._started) * 1000, 2)
+                    self.ready.set_result(None)
                     # From now on the (usually shorter) idle deadline applies.
                     self._timer.cancel()
                     self._timer = self._loop.call_at(
@@ -513,6 +520,8 @@ class UpstreamBackend(Backend):
     # -- models --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self.config.discover_models:
+            return
         await self.refresh_models()
         if self.config.refresh_models > 0:
             self._refresh_task = asyncio.create_task(self._refresh_forever())
@@ -562,7 +571,10 @@ class UpstreamBackend(Backend):
     async def ensure_models(self) -> None:
         """List the upstream's models now if nothing tells what its NAME means (it was
         down at start): the first request must not send the NAME as a model name."""
-        if not (self.config.default_model or self.config.models or self._discovered):
+        config = self.config
+        if config.discover_models and not (
+            config.default_model or config.models or self._discovered
+        ):
             await self.refresh_models()
 
     def upstream_model(self, model: str) -> str:

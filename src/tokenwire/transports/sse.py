@@ -53,7 +53,10 @@ def encode(
 
 
 def encode_comment(text: str = "") -> bytes:
-    return b": " + text.encode() + b"\n\n"
+    # One comment line, no blank line after it: the official openai/anthropic clients keep
+    # the last event id across events (as the spec says) and turn a blank line after it
+    # into an empty-data event, which they then fail to parse as JSON.
+    return b": " + text.encode() + b"\n"
 
 
 class EventSourceResponse:
