@@ -223,18 +223,48 @@ def test_static_files_fetch_nothing_and_never_parse_html() -> None:
             assert "<script>" not in text and "style=" not in text, "inline code in the page"
 
 
+@pytest.mark.timeout(120)
+def test_the_wheel_ships_the_page(tmp_path: Path) -> None:
+    """``make serve`` from a built package needs no npm: the static files are in the wheel."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = STATIC.parents[3]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        timeout=110,
+    )
+    (wheel,) = tmp_path.glob("tokenwire-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in STATIC.iterdir():
+        assert f"tokenwire/server/static/{path.name}" in names
+
+
 # -- streaming with the real model -----------------------------------------------------
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_answer_grows_token_by_token_and_ends_identical(
     model_server: RunningServer, open_page: Callable[..., Page]
 ) -> None:
     page = open_page(f"{model_server.url}/?model=default")
-    set_settings(page, max_tokens=120)
+    set_settings(page, max_tokens=40)
     install_growth_recorder(page)
     send(page, "Write a short poem about the sea, in three stanzas.")
-    assert wait_state(page, "done failed stopped", timeout=150_000) == "done"
+    assert wait_state(page, "done failed stopped", timeout=200_000) == "done"
 
     growth = page.evaluate("window.__growth")
     streaming_lengths = sorted({length for _, length, state in growth if state == "streaming"})
@@ -335,7 +365,7 @@ def drop_connection(page: Page, proxy: CuttableProxy, outage: float) -> None:
     proxy.restore()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_network_drop_resumes_with_identical_text(
     model_server: RunningServer, proxy: CuttableProxy, open_page: Callable[..., Page]
 ) -> None:
@@ -345,12 +375,12 @@ def test_network_drop_resumes_with_identical_text(
         "request",
         lambda r: resumes.append(r.url) if re.search(r"/v1/streams/[^/]+\?after=", r.url) else None,
     )
-    set_settings(page, max_tokens=200)
+    set_settings(page, max_tokens=48)
     send(page, "Explain in a few paragraphs how tides work.")
-    wait_for_text(page, 20)
+    wait_for_text(page, 12)
     before_drop = last_answer(page).locator(".msg-body").inner_text()
     drop_connection(page, proxy, outage=1.5)
-    assert wait_state(page, "done failed stopped", timeout=150_000) == "done"
+    assert wait_state(page, "done failed stopped", timeout=200_000) == "done"
 
     assert proxy.refused >= 1  # the page really tried while the network was down
     assert resumes, "the page never resumed"
@@ -621,6 +651,30 @@ def test_screenshots_desktop_and_phone_light_and_dark(
                 page.wait_for_timeout(300)
                 page.screenshot(path=str(ARTIFACTS / "web-ui-phone-sidebar.png"))
             assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_code_blocks_are_highlighted_with_a_copy_button(
+    scripted: ThreadedServer, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(f"{scripted.url}/?model=scripted")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    send(page, "demo")
+    assert wait_state(page, "done", timeout=30_000) == "done"
+    block = last_answer(page).locator(".codeblock")
+    assert block.locator(".codeblock-lang").inner_text() == "Python"
+    code = block.locator("code")
+    assert code.locator(".tok-keyword", has_text="def").count() == 1
+    assert code.locator(".tok-string", has_text='"POST"').count() == 1
+    assert code.locator(".tok-comment").first.inner_text() == "# Print tokens as they arrive."
+    copy = block.get_by_role("button", name="Copy code")
+    copy.focus()
+    page.keyboard.press("Enter")  # keyboard works as well as a click
+    page.wait_for_function(
+        "() => document.querySelector('.codeblock .copy').textContent === 'Copied'"
+    )
+    copied = page.evaluate("navigator.clipboard.readText()")
+    assert copied == code.inner_text()
+    assert copied.startswith("import httpx\n\ndef stream(prompt: str) -> None:")
 
 
 # -- the renderer, in the browser --------------------------------------------------------

@@ -566,11 +566,8 @@ async function stop() {
   if (!active) return;
   ui.stop.disabled = true;
   setStatus("Stopping…", { sticky: true, kind: "stopping" });
-  const ok = await active.run.stop();
-  if (!ok && !active.run.id) {
-    // Nothing to cancel on the server yet (the request never got a stream): drop it locally.
-    active.run.detach();
-  }
+  // Without a stream id yet, the run cancels as soon as the server names the stream.
+  await active.run.stop();
   // The stream ends with stream.cancelled from the server; if it never comes, give up reading.
   setTimeout(() => {
     if (state.active === active) {

@@ -106,6 +106,7 @@ export class StreamRun {
       if (!response.ok) throw await errorFrom(response);
       this.id = response.headers.get("x-stream-id");
       this.onStreamId(this.id);
+      if (this.stopRequested) this.sendCancel(); // Stop pressed before the id was known
       await this.consume(response);
     }
     let downSince = null;
