@@ -350,7 +350,9 @@ def wait_for_text(page: Page, chars: int, timeout: float = 120_000) -> None:
     )
 
 
-def drop_connection(page: Page, proxy: CuttableProxy, outage: float) -> None:
+def drop_connection(
+    page: Page, proxy: CuttableProxy, outage: float, screenshot: str | None = None
+) -> None:
     """Cuts the network mid-answer; checks the page shows it is reconnecting."""
     proxy.cut()
     status = page.get_by_role("status")
@@ -361,6 +363,9 @@ def drop_connection(page: Page, proxy: CuttableProxy, outage: float) -> None:
     )
     assert "Reconnecting" in status.inner_text()
     assert last_answer(page).evaluate("a => a.classList.contains('reconnecting')")
+    if screenshot:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / screenshot))
     time.sleep(outage)
     proxy.restore()
 
@@ -379,7 +384,7 @@ def test_network_drop_resumes_with_identical_text(
     send(page, "Explain in a few paragraphs how tides work.")
     wait_for_text(page, 12)
     before_drop = last_answer(page).locator(".msg-body").inner_text()
-    drop_connection(page, proxy, outage=1.5)
+    drop_connection(page, proxy, outage=1.5, screenshot="web-ui-reconnecting.png")
     assert wait_state(page, "done failed stopped", timeout=200_000) == "done"
 
     assert proxy.refused >= 1  # the page really tried while the network was down
@@ -784,6 +789,8 @@ def test_unfinished_syntax_looks_right_mid_stream(
             "ends with *",
             "| h1 | h2 |\n|--",
             "5*3 is",
+            "Intro\n*",
+            "Steps:\n12",
         ],
     )
     assert shown[0] == "<p>Some <strong>bold te</strong></p>"
@@ -796,6 +803,8 @@ def test_unfinished_syntax_looks_right_mid_stream(
     assert shown[6] == "<p>ends with </p>"  # a trailing marker is held back
     assert shown[7].startswith('<div class="table-wrap"><table><thead><tr><th>h1</th>')
     assert shown[8] == "<p>5*3 is</p>"  # intraword * is not emphasis-to-be
+    assert shown[9] == "<p>Intro</p>"  # "*" may become "**Bold**": no bullet flashes
+    assert shown[10] == "<p>Steps:</p>"  # "12" may become "12. item"
 
 
 def test_only_http_and_mailto_links_survive(

@@ -27,6 +27,9 @@ const LIST_ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])([ \t]+|$)/;
 const QUOTE = /^ {0,3}>/;
 const TABLE_DELIM = /^ {0,3}\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
 const BLANK = /^[ \t]*$/;
+// A last line that is only the start of a list marker or rule ("-", "*", "12", "--"): held
+// back mid-stream, so a bullet does not flash before "**Bold**" or "---" takes shape.
+const HELD_TAIL = /^ {0,3}([-*+_]{1,2}|\d{1,9}[.)]?)$/;
 
 const SAFE_PROTOCOLS = new Set(["http:", "https:", "mailto:"]);
 
@@ -913,7 +916,8 @@ export class StreamingMarkdown {
       this.lineStart = nl + 1;
       for (const [start, end] of this.splitter.push(line)) this.settle(start, end);
     }
-    const tail = text.slice(this.lineStart);
+    const fullTail = text.slice(this.lineStart);
+    const tail = open && HELD_TAIL.test(fullTail) ? "" : fullTail;
     const openStart = Math.max(this.splitter.openStart, this.settledLines);
     const openLines = this.allLines.slice(openStart);
     if (!open) {
