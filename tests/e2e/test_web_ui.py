@@ -658,6 +658,28 @@ def test_screenshots_desktop_and_phone_light_and_dark(
             assert page.errors == []  # type: ignore[attr-defined]
 
 
+def test_reloading_mid_answer_resumes_the_stream(
+    scripted: ThreadedServer, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(f"{scripted.url}/?model=scripted")
+    resumes: list[str] = []
+    page.on("request", lambda r: resumes.append(r.url) if "?after=" in r.url else None)
+    prompt = " ".join(f"word{i}" for i in range(120))
+    send(page, prompt)
+    page.wait_for_function(
+        "() => document.querySelector('article.assistant .msg-body').textContent.length > 60"
+    )
+    page.reload()
+    page.wait_for_function("() => document.documentElement.dataset.ready === 'true'")
+    assert wait_state(page, "done failed stopped", timeout=30_000) == "done"
+    assert resumes and int(resumes[0].rsplit("after=", 1)[1]) > 0
+    message = stored_answer(page)
+    events = native_events(scripted.url, message["streamId"])
+    assert message["content"] == joined_text(events)
+    assert message["content"].endswith("word119")
+    assert answer_html(page) == fresh_render(page, message["content"])
+
+
 def test_code_blocks_are_highlighted_with_a_copy_button(
     scripted: ThreadedServer, open_page: Callable[..., Page]
 ) -> None:

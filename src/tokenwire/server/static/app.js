@@ -677,6 +677,9 @@ ui.model.addEventListener("change", () => {
   saveSettings();
 });
 
+// Leaving mid-answer: save the latest content and seq, so the next load resumes from there.
+window.addEventListener("pagehide", () => save());
+
 // Copy buttons of code blocks (delegated: blocks are re-rendered while streaming).
 ui.messages.addEventListener("click", async (event) => {
   const button = event.target.closest("button.copy");
