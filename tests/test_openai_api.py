@@ -154,7 +154,7 @@ def test_tokens_arrive_progressively_not_in_one_burst(server: RunningServer) -> 
 
 def test_heartbeats_flow_while_a_stream_is_queued() -> None:
     """With one slot busy, a second stream gets headers, heartbeats and no content yet."""
-    with tokenwire_server("--heartbeat", "0.05", "--disconnect-grace", "0") as srv:
+    with tokenwire_server("--heartbeat", "0.05", "--disconnect-grace", "0", "--parallel", "1") as srv:
         long_body = {"model": "default", "messages": LONG, "stream": True, "max_tokens": 600, "temperature": 0}
         with httpx.stream(
             "POST", f"{srv.url}/v1/chat/completions", json=long_body, timeout=60
@@ -314,7 +314,7 @@ def test_healthz_answers_while_a_long_generation_runs(server: RunningServer) -> 
 
 
 def test_full_queue_answers_429_with_retry_after() -> None:
-    with tokenwire_server("--max-queue", "1", "--disconnect-grace", "0") as srv:
+    with tokenwire_server("--max-queue", "1", "--disconnect-grace", "0", "--parallel", "1") as srv:
         body = {"model": "default", "messages": LONG, "stream": True, "max_tokens": 600, "temperature": 0}
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as a:
             next(a.iter_lines())
