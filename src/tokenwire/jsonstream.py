@@ -189,7 +189,8 @@ class PartialJsonParser:
         """Path of the value being written, as keys and indexes."""
         out: list[str | int] = []
         last = len(self._containers) - 1
-        in_scalar = self._state in (_NUMBER, _LITERAL) or (
+        # Inside a scalar, or where a value must come next: the path names that value.
+        in_scalar = self._state in (_NUMBER, _LITERAL, _VALUE, _VALUE_OR_CLOSE) or (
             self._state == _STRING and not self._is_key
         )
         for depth, container in enumerate(self._containers):

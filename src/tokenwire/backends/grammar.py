@@ -97,7 +97,7 @@ def json_schema_gbnf(
     schema: dict[str, Any], *, param: str, prop_order: tuple[str, ...] = ()
 ) -> str:
     try:
-        return _schema_gbnf(json.dumps(schema, sort_keys=True), prop_order)
+        return _schema_gbnf(json.dumps(schema), prop_order)
     except Exception as exc:  # the converter raises plain errors on schemas it cannot do
         raise InvalidRequest(
             f"The embedded model cannot constrain output to this JSON schema: {exc}",
