@@ -14,6 +14,7 @@ client-visible tokens/s; ratios tokenwire/peer and tokenwire/engine; the spread 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -93,7 +94,7 @@ def one_stream(base: str, model: str, max_tokens: int) -> dict[str, Any]:
                 arrivals.append(now)
     if len(arrivals) < 2:
         raise RuntimeError(f"{base}: too few tokens ({len(arrivals)})")
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return {
         "ttft_ms": (arrivals[0] - started) * 1000,
         "itl_ms": [g * 1000 for g in gaps],
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"Same GGUF, {args.threads} threads, {rounds} interleaved rounds of {max_tokens} tokens, "
         f"temperature 0. Engine ceiling (llama-cpp-python in-process): {engine:.1f} tokens/s.",
         "",
-        "| server | TTFT p50 ms | TTFT min–max ms | TTFT σ ms | ITL p50 ms | ITL p99 ms | tokens/s |",
+        "| server | TTFT p50 ms | TTFT min–max ms | TTFT σ ms | ITL p50 ms | ITL p99 ms "
+        "| tokens/s |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():

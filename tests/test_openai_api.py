@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
@@ -11,13 +12,14 @@ from typing import Any
 
 import httpx
 import openai
-import pytest
 
 from .conftest import RunningServer, tokenwire_server
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 #: A prompt the model answers at length, to hold the decode slot for a while.
 LONG = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+#: A request that holds the decode slot for several seconds (greedy, so always long).
+LONG_BODY = {"model": "default", "messages": LONG, "stream": True, "temperature": 0}
 
 
 def sse_events(raw: str) -> list[dict[str, Any]]:
@@ -59,7 +61,9 @@ def test_official_client_streams_sync(server: RunningServer) -> None:
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
-    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    content = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert len(content) >= 10  # token by token, not one blob
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
@@ -72,7 +76,10 @@ def test_official_client_streams_async(server: RunningServer) -> None:
     async def run() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
         stream = await client.chat.completions.create(
-            model="default", messages=MESSAGES, stream=True, max_tokens=16  # type: ignore[arg-type]
+            model="default",
+            messages=MESSAGES,
+            stream=True,
+            max_tokens=16,  # type: ignore[arg-type]
         )
         pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         await client.close()
@@ -85,7 +92,9 @@ def test_official_client_streams_async(server: RunningServer) -> None:
 def test_official_client_non_streaming(server: RunningServer) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     completion = client.chat.completions.create(
-        model="default", messages=MESSAGES, max_tokens=12  # type: ignore[arg-type]
+        model="default",
+        messages=MESSAGES,
+        max_tokens=12,  # type: ignore[arg-type]
     )
     assert completion.object == "chat.completion"
     assert completion.choices[0].message.role == "assistant"
@@ -145,7 +154,7 @@ def test_tokens_arrive_progressively_not_in_one_burst(server: RunningServer) -> 
                 arrivals.append(time.monotonic())
     assert len(arrivals) >= 24
     span = arrivals[-1] - arrivals[0]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     # Tokens come one by one as decoded: many distinct arrival instants, spread over the
     # generation rather than all at its end.
     assert sum(1 for g in gaps if g > 0.0005) >= len(gaps) // 2
@@ -154,8 +163,16 @@ def test_tokens_arrive_progressively_not_in_one_burst(server: RunningServer) -> 
 
 def test_heartbeats_flow_while_a_stream_is_queued() -> None:
     """With one slot busy, a second stream gets headers, heartbeats and no content yet."""
-    with tokenwire_server("--heartbeat", "0.05", "--disconnect-grace", "0", "--parallel", "1") as srv:
-        long_body = {"model": "default", "messages": LONG, "stream": True, "max_tokens": 600, "temperature": 0}
+    with tokenwire_server(
+        "--heartbeat", "0.05", "--disconnect-grace", "0", "--parallel", "1"
+    ) as srv:
+        long_body = {
+            "model": "default",
+            "messages": LONG,
+            "stream": True,
+            "max_tokens": 600,
+            "temperature": 0,
+        }
         with httpx.stream(
             "POST", f"{srv.url}/v1/chat/completions", json=long_body, timeout=60
         ) as first:
@@ -183,7 +200,10 @@ def test_heartbeats_flow_while_a_stream_is_queued() -> None:
 def generate(url: str, **params: Any) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     stream = client.chat.completions.create(
-        model="default", messages=MESSAGES, stream=True, **params  # type: ignore[arg-type]
+        model="default",
+        messages=MESSAGES,
+        stream=True,
+        **params,  # type: ignore[arg-type]
     )
     return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
@@ -204,7 +224,10 @@ def test_stop_sequence_split_across_tokens_never_reaches_the_client(
     pieces = [
         c.choices[0].delta.content or ""
         for c in client.chat.completions.create(
-            model="default", messages=MESSAGES, stream=True, **params  # type: ignore[arg-type]
+            model="default",
+            messages=MESSAGES,
+            stream=True,
+            **params,  # type: ignore[arg-type]
         )
         if c.choices
     ]
@@ -215,7 +238,11 @@ def test_stop_sequence_split_across_tokens_never_reaches_the_client(
     full = "".join(pieces)
     expected = full[: full.index(stop)]
     stopped = client.chat.completions.create(
-        model="default", messages=MESSAGES, stream=True, stop=[stop], **params  # type: ignore[arg-type]
+        model="default",
+        messages=MESSAGES,
+        stream=True,
+        stop=[stop],
+        **params,  # type: ignore[arg-type]
     )
     chunks = [c for c in stopped if c.choices]
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -233,7 +260,9 @@ def test_temperature_zero_is_greedy_and_repeatable(server: RunningServer) -> Non
 def test_max_completion_tokens_limits_length(server: RunningServer) -> None:
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     completion = client.chat.completions.create(
-        model="default", messages=MESSAGES, max_completion_tokens=5  # type: ignore[arg-type]
+        model="default",
+        messages=MESSAGES,
+        max_completion_tokens=5,  # type: ignore[arg-type]
     )
     assert completion.usage is not None and completion.usage.completion_tokens == 5
     assert completion.choices[0].finish_reason == "length"
@@ -244,7 +273,13 @@ def test_max_completion_tokens_limits_length(server: RunningServer) -> None:
 
 def test_disconnect_stops_decoding(server: RunningServer) -> None:
     """Close the socket after a few tokens; the stream ends cancelled soon after."""
-    body = {"model": "default", "messages": LONG, "stream": True, "max_tokens": 1500, "temperature": 0}
+    body = {
+        "model": "default",
+        "messages": LONG,
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 0,
+    }
     received = 0
     with httpx.stream("POST", f"{server.url}/v1/streams", json=body, timeout=60) as r:
         stream_id = r.headers["x-stream-id"]
@@ -315,12 +350,16 @@ def test_healthz_answers_while_a_long_generation_runs(server: RunningServer) -> 
 
 def test_full_queue_answers_429_with_retry_after() -> None:
     with tokenwire_server("--max-queue", "1", "--disconnect-grace", "0", "--parallel", "1") as srv:
-        body = {"model": "default", "messages": LONG, "stream": True, "max_tokens": 600, "temperature": 0}
+        body = {
+            "model": "default",
+            "messages": LONG,
+            "stream": True,
+            "max_tokens": 600,
+            "temperature": 0,
+        }
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as a:
             next(a.iter_lines())
-            with httpx.stream(
-                "POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60
-            ) as b:
+            with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as b:
                 assert b.status_code == 200  # queued, position 1
                 refused = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30)
                 assert refused.status_code == 429
@@ -335,9 +374,16 @@ def test_models_lists_default_and_the_real_name(server: RunningServer) -> None:
     assert ids[0] == "default"
     assert any("SmolLM2" in i for i in ids)
     real = next(i for i in ids if "SmolLM2" in i)
-    assert generate(server.url, max_tokens=3) and client.chat.completions.create(
-        model=real, messages=MESSAGES, max_tokens=3  # type: ignore[arg-type]
-    ).choices[0].message.content
+    assert (
+        generate(server.url, max_tokens=3)
+        and client.chat.completions.create(
+            model=real,
+            messages=MESSAGES,
+            max_tokens=3,  # type: ignore[arg-type]
+        )
+        .choices[0]
+        .message.content
+    )
 
 
 def test_a_raw_socket_client_sees_the_first_bytes_before_generation_ends(

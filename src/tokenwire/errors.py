@@ -44,6 +44,7 @@ __all__ = [
     "StreamInterrupted",
     "StreamNotFound",
     "TokenwireError",
+    "error_from_dict",
 ]
 
 
@@ -169,3 +170,23 @@ class StreamInterrupted(TokenwireError):
 
 class JournalError(TokenwireError):
     error_type = "journal_error"
+
+
+def error_from_dict(error: dict[str, object]) -> TokenwireError:
+    """Rebuild a typed error from a ``stream.failed`` event's ``error`` (for non-streaming
+    responses, which answer with the failure's own status)."""
+    kind = str(error.get("type") or "server_error")
+    cls: type[TokenwireError] = TokenwireError
+    pending: list[type[TokenwireError]] = [TokenwireError]
+    while pending:  # breadth-first: the most general class with that error_type wins
+        candidate = pending.pop(0)
+        if candidate.error_type == kind:
+            cls = candidate
+            break
+        pending.extend(candidate.__subclasses__())
+    exc = cls.__new__(cls)
+    TokenwireError.__init__(exc, str(error.get("message") or "stream failed"))
+    exc.error_type = kind
+    code = error.get("code")
+    exc.code = str(code) if code is not None else None
+    return exc

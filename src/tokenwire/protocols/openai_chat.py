@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tokenwire.errors import InvalidRequest, TokenwireError
+from tokenwire.errors import InvalidRequest, TokenwireError, error_from_dict
 from tokenwire.events import (
     Event,
     JsonPartial,
@@ -362,10 +362,7 @@ def aggregate(meta: StreamMeta, events: list[Event]) -> dict[str, Any] | Tokenwi
         elif isinstance(event, StreamCompleted):
             finish_reason = event.finish_reason
         elif isinstance(event, StreamFailed):
-            exc = TokenwireError(event.error.get("message", "stream failed"))
-            exc.error_type = event.error.get("type", "server_error")
-            exc.code = event.error.get("code")
-            return exc
+            return error_from_dict(event.error)
         elif isinstance(event, JsonPartial):
             pass
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
