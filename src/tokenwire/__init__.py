@@ -5,6 +5,7 @@ The public surface is small and pinned by ``tests/test_exported_members.py``.
 
 from tokenwire.backends.base import Backend, ModelInfo
 from tokenwire.cancel import CancelToken
+from tokenwire.client import AsyncClient, Client
 from tokenwire.config import Settings
 from tokenwire.errors import (
     BackendError,
@@ -36,10 +37,12 @@ from tokenwire.streams import StreamManager
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
     "Backend",
     "BackendError",
     "CancelToken",
     "ChatRequest",
+    "Client",
     "Event",
     "InvalidRequest",
     "Journal",
