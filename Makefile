@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev system-deps serve test lint bench clean
+.PHONY: install install-dev system-deps serve test lint bench bench-env clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: install-dev
 
 test: install-dev system-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# LiteLLM's proxy, the relay benchmark's peer, in its own venv (its openai pin clashes with
+# the dev tools'); the list is pyproject's `bench` extra.
+bench-env:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q 'litellm[proxy]>=1.50' 'py-spy>=0.3'
 
 bench: install-dev system-deps
 	$(PY) benchmarks/run_all.py

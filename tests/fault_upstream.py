@@ -158,6 +158,9 @@ class FaultUpstream:
             outcome = "client_closed"
         finally:
             hangup.cancel()
+            # Let the read finish cancelling before the next request reads the stream.
+            with contextlib.suppress(asyncio.CancelledError):
+                await hangup
         record["outcome"] = outcome
         record["ended"] = time.time()
         if outcome == "completed":

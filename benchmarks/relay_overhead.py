@@ -1,0 +1,379 @@
+"""Relay overhead: direct vs tokenwire's gateway vs LiteLLM's proxy, side by side in one run.
+
+The upstream is the scripted fast server (``tests/fault_upstream.py``, model ``fast``): it
+stamps every chunk with ``<i>@<CLOCK_MONOTONIC ns>@`` when it writes it, on an absolute
+schedule with a fixed gap. One raw-socket client (the same for every path) notes when each
+stamp arrives, so per-chunk latency is one-way on one clock; the relays' added latency is
+their latency minus the direct path's, from interleaved rounds (noise hits all alike).
+
+Reported per path: TTFT (request written → first stamped chunk read) and per-chunk one-way
+latency p50/p99, inter-token gaps p50/p99; added TTFT / latency vs direct; and, at
+saturation (gap 0, several concurrent streams), the relay process's CPU µs per relayed chunk
+(from /proc: user + system time over the run) and chunks/s per core.
+
+LiteLLM's proxy runs from its own virtualenv: ``make bench-env`` makes ``.venv-bench`` with
+pyproject's ``bench`` extra (``litellm[proxy]`` pins an older openai than the dev tools use);
+``LITELLM_BIN`` points elsewhere. Without it the LiteLLM rows are missing and the report says so.
+
+    python benchmarks/relay_overhead.py [--quick] [--rounds N] [--chunks N] [--gap S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+UPSTREAM = ROOT / "tests" / "fault_upstream.py"
+STAMP = re.compile(rb"(\d+)@(\d+)@")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def process(
+    args: list[str], env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live children (LiteLLM may fork)."""
+    total = 0.0
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        pids += [int(c) for c in children]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+async def one_stream(
+    port: int, path: str, model: str, chunks: int, gap: float
+) -> tuple[int, list[tuple[int, int, int]]]:
+    """One streaming request over a raw socket; (request written ns, [(i, sent, read)])."""
+    body = json.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "messages": [{"role": "user", "content": f"n={chunks} gap={gap}"}],
+        }
+    ).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer unused\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    stamps: list[tuple[int, int, int]] = []
+    tail = b""
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        started = time.monotonic_ns()
+        while True:
+            data = await reader.read(65536)
+            now = time.monotonic_ns()
+            if not data:
+                break
+            buffer = tail + data
+            end = 0
+            for match in STAMP.finditer(buffer):
+                stamps.append((int(match[1]), int(match[2]), now))
+                end = match.end()
+            tail = buffer[end:][-48:]
+            if len(stamps) >= chunks and b"[DONE]" in buffer:
+                break
+    finally:
+        writer.close()
+    return started, stamps
+
+
+def latency_run(port: int, path: str, model: str, chunks: int, gap: float) -> dict[str, Any]:
+    started, stamps = asyncio.run(one_stream(port, path, model, chunks, gap))
+    if len(stamps) != chunks:
+        raise RuntimeError(f"{path} on {port}: got {len(stamps)} of {chunks} chunks")
+    reads = [read for _, _, read in stamps]
+    return {
+        "ttft_ms": (stamps[0][2] - started) / 1e6,
+        "latency_ms": [(read - sent) / 1e6 for _, sent, read in stamps],
+        "itl_ms": [(b - a) / 1e6 for a, b in itertools.pairwise(reads)],
+    }
+
+
+async def saturate(
+    port: int, path: str, model: str, chunks: int, streams: int
+) -> tuple[int, float]:
+    results = await asyncio.gather(
+        *(one_stream(port, path, model, chunks, 0.0) for _ in range(streams))
+    )
+    return sum(len(stamps) for _, stamps in results), 0.0
+
+
+def saturation_run(
+    pid: int, port: int, path: str, model: str, chunks: int, streams: int
+) -> dict[str, float]:
+    cpu_before = cpu_seconds(pid)
+    wall = time.perf_counter()
+    relayed, _ = asyncio.run(saturate(port, path, model, chunks, streams))
+    wall = time.perf_counter() - wall
+    cpu = cpu_seconds(pid) - cpu_before
+    if relayed != chunks * streams:
+        raise RuntimeError(f"saturation on {port}: relayed {relayed} of {chunks * streams}")
+    return {
+        "chunks": relayed,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_us_per_chunk": cpu / relayed * 1e6,
+        "chunks_per_s_per_core": relayed / cpu if cpu > 0 else float("inf"),
+        "chunks_per_s_wall": relayed / wall,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
+    ttft = [r["ttft_ms"] for r in runs]
+    latency = [v for r in runs for v in r["latency_ms"]]
+    itl = [v for r in runs for v in r["itl_ms"]]
+    return {
+        "ttft_ms_p50": statistics.median(ttft),
+        "ttft_ms_p99": percentile(ttft, 99),
+        "latency_ms_p50": percentile(latency, 50),
+        "latency_ms_p99": percentile(latency, 99),
+        "itl_ms_p50": percentile(itl, 50),
+        "itl_ms_p99": percentile(itl, 99),
+        "samples": len(latency),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def litellm_binary() -> str | None:
+    candidates = [
+        os.environ.get("LITELLM_BIN"),
+        str(ROOT / ".venv-bench" / "bin" / "litellm"),
+        shutil.which("litellm"),
+    ]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (< 60 s)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--chunks", type=int, default=200, help="chunks per latency stream")
+    parser.add_argument("--gap", type=float, default=0.005, help="seconds between chunks")
+    parser.add_argument("--sat-chunks", type=int, default=20000, help="per saturation stream")
+    parser.add_argument("--sat-streams", type=int, default=4)
+    parser.add_argument("--no-litellm", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.chunks, args.sat_chunks, args.sat_streams = 3, 100, 4000, 2
+
+    up_port, tw_port, ll_port = free_port(), free_port(), free_port()
+    litellm = None if args.no_litellm else litellm_binary()
+    paths: dict[str, tuple[int, str]] = {
+        "direct": (up_port, "/v1/chat/completions"),
+        "tokenwire": (tw_port, "/v1/chat/completions"),
+    }
+    with ExitStack() as stack:
+        upstream = stack.enter_context(
+            process([sys.executable, str(UPSTREAM), "--port", str(up_port)])
+        )
+        tw_cmd = [
+            sys.executable, "-m", "tokenwire.cli.main", "serve",
+            "--port", str(tw_port), "--no-embedded", "--log-level", "warning",
+            "--upstream", f"scripted=http://127.0.0.1:{up_port}/v1",
+        ]  # fmt: skip
+        tw = stack.enter_context(process(tw_cmd))
+        pids = {"tokenwire": tw.pid}
+        if litellm:
+            config = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".yaml"))
+            config.write(
+                "model_list:\n  - model_name: fast\n    litellm_params:\n"
+                f"      model: openai/fast\n      api_base: http://127.0.0.1:{up_port}/v1\n"
+                "      api_key: unused\nlitellm_settings:\n  telemetry: false\n"
+            )
+            config.flush()
+            ll_cmd = [litellm, "--config", config.name, "--port", str(ll_port)]
+            ll = stack.enter_context(
+                process(
+                    [*ll_cmd, "--host", "127.0.0.1"],
+                    env={
+                        "LITELLM_LOG": "ERROR",
+                        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+                    },
+                )
+            )
+            paths["litellm"] = (ll_port, "/v1/chat/completions")
+            pids["litellm"] = ll.pid
+        wait_healthy(f"http://127.0.0.1:{up_port}/v1/models", upstream, 30)
+        wait_healthy(f"http://127.0.0.1:{tw_port}/healthz", tw, 60)
+        if litellm:
+            wait_healthy(f"http://127.0.0.1:{ll_port}/health/liveliness", ll, 120)
+
+        for port, path in paths.values():  # warm-up: connections, imports, first-request work
+            latency_run(port, path, "fast", 20, 0.001)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
+        for index in range(args.rounds):
+            order = list(paths) if index % 2 == 0 else list(reversed(paths))
+            for name in order:
+                port, path = paths[name]
+                runs[name].append(latency_run(port, path, "fast", args.chunks, args.gap))
+        saturation = {
+            name: saturation_run(
+                pids[name], *paths[name], "fast", args.sat_chunks, args.sat_streams
+            )
+            for name in pids
+        }
+
+    summary = {name: summarize(r) for name, r in runs.items()}
+    direct = summary["direct"]
+    added = {
+        name: {
+            "ttft_ms_p50": s["ttft_ms_p50"] - direct["ttft_ms_p50"],
+            "latency_ms_p50": s["latency_ms_p50"] - direct["latency_ms_p50"],
+            "latency_ms_p99": s["latency_ms_p99"] - direct["latency_ms_p99"],
+            "itl_ms_p99": s["itl_ms_p99"] - direct["itl_ms_p99"],
+        }
+        for name, s in summary.items()
+        if name != "direct"
+    }
+    ratios: dict[str, float] = {}
+    if "litellm" in added:
+        tw_p99 = max(added["tokenwire"]["latency_ms_p99"], 1e-3)
+        ratios["added_p99_litellm_over_tokenwire"] = added["litellm"]["latency_ms_p99"] / tw_p99
+        ratios["cpu_per_chunk_litellm_over_tokenwire"] = (
+            saturation["litellm"]["cpu_us_per_chunk"] / saturation["tokenwire"]["cpu_us_per_chunk"]
+        )
+    result = {
+        "benchmark": "relay_overhead",
+        "config": {
+            "rounds": args.rounds,
+            "chunks": args.chunks,
+            "gap_s": args.gap,
+            "saturation": {"chunks_per_stream": args.sat_chunks, "streams": args.sat_streams},
+            "cpus": os.cpu_count(),
+            "litellm": litellm or "not installed",
+        },
+        "paths": summary,
+        "added_vs_direct": added,
+        "saturation": saturation,
+        "ratios": ratios,
+        "goals": {
+            "tokenwire_added_latency_p99_ms": "<= 1.0",
+            "added_p99_litellm_over_tokenwire": ">= 4",
+            "tokenwire_chunks_per_s_per_core": ">= 50000",
+        },
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "relay_overhead.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# Relay overhead: direct vs tokenwire vs LiteLLM proxy",
+        "",
+        f"Scripted upstream, {args.rounds} interleaved rounds × {args.chunks} chunks, "
+        f"{args.gap * 1000:g} ms apart; saturation: {args.sat_streams} concurrent streams × "
+        f"{args.sat_chunks} chunks, no gap. {os.cpu_count()} CPUs (shared).",
+        "",
+        "| path | TTFT p50 ms | latency p50 ms | latency p99 ms | ITL p50 ms | ITL p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['ttft_ms_p50']:.2f} | {s['latency_ms_p50']:.3f} | "
+            f"{s['latency_ms_p99']:.3f} | {s['itl_ms_p50']:.2f} | {s['itl_ms_p99']:.2f} |"
+        )
+    lines += [
+        "",
+        "| relay | added TTFT p50 ms | added latency p50 ms | added latency p99 ms | "
+        "CPU µs/chunk | chunks/s/core | chunks/s wall |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, a in added.items():
+        sat = saturation[name]
+        lines.append(
+            f"| {name} | {a['ttft_ms_p50']:.2f} | {a['latency_ms_p50']:.3f} | "
+            f"{a['latency_ms_p99']:.3f} | {sat['cpu_us_per_chunk']:.1f} | "
+            f"{sat['chunks_per_s_per_core']:.0f} | {sat['chunks_per_s_wall']:.0f} |"
+        )
+    if not litellm:
+        lines += ["", "LiteLLM not installed (see the module docstring): its column is missing."]
+    for key, value in ratios.items():
+        lines.append(f"- {key}: **{value:.1f}×**")
+    lines += [
+        "",
+        "Goals: tokenwire added latency p99 ≤ 1 ms, ≥ 4× below LiteLLM's; "
+        "≥ 50,000 relayed chunks/s per core.",
+    ]
+    (RESULTS / "relay_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
