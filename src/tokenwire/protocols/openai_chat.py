@@ -329,7 +329,8 @@ class Renderer:
             out.append(DONE)
             return out
         if isinstance(event, StreamFailed):
-            return [{"error": {**event.error, "param": None}}, DONE]
+            # An output validation error names the JSON path where the output went wrong.
+            return [{"error": {**event.error, "param": event.error.get("path")}}, DONE]
         # progress, json.partial, tool_call.completed: native-only detail
         return []
 
