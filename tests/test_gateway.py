@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import RunningServer, free_port
@@ -22,6 +23,7 @@ from tests.gateway_support import (
     wait_for,
 )
 from tokenwire.backends._upstream import SSEParser
+from tokenwire.backends.anthropic import AnthropicDecoder
 from tokenwire.backends.openai import OpenAIDecoder
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import StreamCompleted, TextDelta, ToolCallCompleted, ToolCallStarted, Usage
@@ -155,6 +157,61 @@ def test_openai_decoder_normalizes_text_tool_calls_usage_and_errors() -> None:
         OpenAIDecoder().decode("", b'{"error":{"message":"boom"}}')
     with pytest.raises(BackendUnavailable):  # the body ended mid-answer
         OpenAIDecoder().finish()
+
+
+def test_anthropic_decoder_normalizes_blocks_tool_use_usage_and_errors() -> None:
+    decoder = AnthropicDecoder()
+    stream = [
+        {"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "content_block_start",
+            "index": 1,
+            "content_block": {"type": "tool_use", "id": "tu_1", "name": "f", "input": {}},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": '{"a":'},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": " 1}"},
+        },
+        {"type": "content_block_stop", "index": 1},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "tool_use"},
+            "usage": {"output_tokens": 9},
+        },
+        {"type": "message_stop"},
+    ]
+    events = []
+    for message in stream:
+        events += decoder.decode(message["type"], orjson.dumps(message))
+    assert [e.type for e in events] == [
+        "text.delta",
+        "tool_call.started",
+        "tool_call.delta",
+        "tool_call.delta",
+        "tool_call.completed",
+        "usage",
+        "stream.completed",
+    ]
+    assert events[4] == ToolCallCompleted(index=0, id="tu_1", name="f", arguments='{"a": 1}')
+    assert events[5] == Usage(prompt_tokens=11, completion_tokens=9)
+    assert events[6] == StreamCompleted(finish_reason="tool_calls") and decoder.done
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    with pytest.raises(BackendUnavailable, match="overloaded_error"):
+        AnthropicDecoder().decode("error", orjson.dumps(error))
+    with pytest.raises(BackendProtocolError):
+        AnthropicDecoder().decode("content_block_delta", b'{"type": "content_block_delta"}')
+    with pytest.raises(BackendUnavailable):
+        AnthropicDecoder().finish()
 
 
 # -- routing ---------------------------------------------------------------------------------
