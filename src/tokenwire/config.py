@@ -66,6 +66,27 @@ class Settings:
     cache_replay: str = "instant"
     #: Default delta coalescing: off, word, line, or a max delay in ms ("50ms").
     coalesce: str = "off"
+    # -- hardening (server/auth.py, server/limits.py, docs/guarantees.md) --
+    #: API keys (env: comma-separated). None of them: the server is open (loopback by default).
+    api_keys: list[str] = field(default_factory=list)
+    #: Whether /metrics needs a key too (when keys are configured).
+    metrics_auth: bool = False
+    #: Largest request body accepted (413 beyond).
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: max_tokens above this are clamped to it; a request without max_tokens gets it (0: off).
+    max_tokens_limit: int = 0
+    #: Streams one key may have generating at once (429 beyond; 0: unlimited).
+    max_streams_per_key: int = 0
+    #: Requests per second per key (token bucket; 429 with Retry-After beyond; 0: off).
+    rate_limit: float = 0.0
+    #: Bucket size of the rate limit (0: 2 × rate_limit, at least 1).
+    rate_burst: int = 0
+    #: Journal bytes one stream may write; beyond, it fails with stream_too_large (0: off).
+    max_stream_bytes: int = 16 * 1024 * 1024
+    #: Total bytes the memory journal holds; oldest finished streams are evicted first.
+    journal_max_bytes: int = 512 * 1024 * 1024
+    #: Seconds in-flight streams get to finish after SIGTERM before they are cancelled.
+    drain_timeout: float = 10.0
     #: Extra sections of the config file (upstreams, aliases, …) for later consumers.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,7 +122,7 @@ def _coerce(name: str, raw: str) -> Any:
     kind: type = (
         type(default) if default is not None and default is not dataclasses.MISSING else str
     )
-    if name in ("upstream", "tools", "guard_predicate"):
+    if name in ("upstream", "tools", "guard_predicate", "api_keys"):
         return [part.strip() for part in raw.split(",") if part.strip()]
     if name == "guard":  # regexes may contain commas
         return [line for line in raw.splitlines() if line.strip()]

@@ -21,6 +21,8 @@ error events exactly once.
     ├── OutputValidationError        the output broke the requested JSON / tool schema
     │                                (mid-stream: stream.failed naming the JSON path)
     ├── StreamInterrupted            client side: the stream broke and retries were spent
+    ├── StreamTooLarge               413  the stream outgrew its journal size limit
+                                     (mid-stream: stream.failed; what was journaled stays)
     └── JournalError                 the journal (memory, Redis) failed
 """
 
@@ -43,6 +45,7 @@ __all__ = [
     "StreamExpired",
     "StreamInterrupted",
     "StreamNotFound",
+    "StreamTooLarge",
     "TokenwireError",
     "error_from_dict",
 ]
@@ -166,6 +169,16 @@ class StreamInterrupted(TokenwireError):
         super().__init__(message)
         self.partial_text = partial_text
         self.last_event_id = last_event_id
+
+
+class StreamTooLarge(TokenwireError):
+    """A stream wrote more than ``max_stream_bytes`` to its journal (server/limits.py)."""
+
+    status_code = 413
+    error_type = "stream_too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="stream_too_large")
 
 
 class JournalError(TokenwireError):

@@ -66,6 +66,7 @@ class _Producing:
     readers: int = 0
     grace_timer: asyncio.TimerHandle | None = None
     done: bool = False
+    owner: str | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +119,17 @@ class StreamManager:
     def active_streams(self) -> int:
         return len(self._producing)
 
+    def active_streams_of(self, owner: str | None) -> int:
+        """Streams this process is generating for ``owner`` (per-key concurrency limit)."""
+        return sum(1 for p in self._producing.values() if p.owner == owner)
+
+    def cancel_all(self, reason: str) -> int:
+        """Cancel every stream generating here (graceful shutdown); returns how many."""
+        ids = list(self._producing)
+        for stream_id in ids:
+            self._cancel_local(stream_id, reason)
+        return len(ids)
+
     # -- start -------------------------------------------------------------------------
 
     async def start(
@@ -142,7 +154,7 @@ class StreamManager:
             owner=owner,
             render=dict(render or {}),
         )
-        producing = _Producing(cancel=CancelToken())
+        producing = _Producing(cancel=CancelToken(), owner=owner)
         accepted = _Accepted()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(

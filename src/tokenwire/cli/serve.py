@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from types import FrameType
 from typing import Any
 
 from tokenwire.config import Settings
@@ -58,7 +60,39 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--guard-predicate", action="append", help="module:attr predicate guard (repeatable)"
     )
+    hardening = parser.add_argument_group("keys and limits (docs/guarantees.md)")
+    hardening.add_argument(
+        "--api-keys", help="comma-separated API keys (env TOKENWIRE_API_KEYS); none: open"
+    )
+    hardening.add_argument(
+        "--metrics-auth", action="store_true", default=None, help="/metrics needs a key too"
+    )
+    hardening.add_argument("--max-body-bytes", type=int, help="largest request body (4 MiB)")
+    hardening.add_argument("--max-tokens-limit", type=int, help="clamp max_tokens to this (0: off)")
+    hardening.add_argument(
+        "--max-streams-per-key", type=int, help="concurrent streams per key (0: unlimited)"
+    )
+    hardening.add_argument("--rate-limit", type=float, help="requests/s per key (0: off)")
+    hardening.add_argument("--rate-burst", type=int, help="rate limit bucket size")
+    hardening.add_argument("--max-stream-bytes", type=int, help="journal bytes per stream (16 MiB)")
+    hardening.add_argument(
+        "--journal-max-bytes", type=int, help="memory journal bytes in total (512 MiB)"
+    )
+    hardening.add_argument(
+        "--drain-timeout", type=float, help="seconds streams get to finish on SIGTERM (10)"
+    )
     parser.set_defaults(run=run)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,10 +101,25 @@ def run(args: argparse.Namespace) -> int:
     from tokenwire.server.app import create_app
 
     flags = {name: getattr(args, name, None) for name in Settings.names()}
+    keys = flags.get("api_keys")
+    if isinstance(keys, str):
+        flags["api_keys"] = [k.strip() for k in keys.split(",") if k.strip()]
     settings = Settings.load(flags)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if not settings.api_keys and not _is_loopback(settings.host):
+        # Loud on purpose: anyone who can reach this address can use the model and read streams.
+        banner = "!" * 78
+        print(
+            f"{banner}\n"
+            f"tokenwire: WARNING: no API keys configured and bound to {settings.host}, not to\n"
+            "  loopback: anyone who can reach this port can run the model and read, resume or\n"
+            "  cancel any stream whose id they learn. Set --api-keys / TOKENWIRE_API_KEYS.\n"
+            f"{banner}",
+            file=sys.stderr,
+            flush=True,
+        )
     app = create_app(settings)
     base = f"http://{settings.host}:{settings.port}"
     print(f"tokenwire: chat UI at {base}/", flush=True)
@@ -81,11 +130,23 @@ def run(args: argparse.Namespace) -> int:
         '"messages": [{"role": "user", "content": "Hello!"}]}\'',
         flush=True,
     )
-    uvicorn.run(
+    drain = app.state.server.drain
+
+    class Server(uvicorn.Server):
+        """uvicorn's own server, told when an exit signal arrives (an explicit event, no
+        patching): uvicorn stops accepting, our lifespan drains streams (server/shutdown.py)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            drain.request()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        # uvicorn waits for open connections this long; the drain ends streams before it.
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
     )
+    Server(config).run()
     return 0

@@ -2,6 +2,10 @@
 
 Readers wait on a per-stream future that the next append resolves, so a stream with many
 readers costs one future per append, not one wake-up task per reader.
+
+Memory is bounded twice: by ``max_finished`` streams and by ``max_bytes`` of events (their
+JSON size). Either bound evicts finished streams, oldest first; streams still generating are
+never evicted (``max_stream_bytes`` in server/limits.py bounds each of those).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
+import orjson
+
 from tokenwire.errors import StreamExpired, StreamNotFound
 from tokenwire.events import Event
 from tokenwire.journal.base import Journal, StreamMeta
@@ -19,12 +25,13 @@ __all__ = ["MemoryJournal"]
 
 
 class _Log:
-    __slots__ = ("_changed", "events", "finished_at", "meta")
+    __slots__ = ("_changed", "events", "finished_at", "meta", "size")
 
     def __init__(self, meta: StreamMeta) -> None:
         self.meta = meta
         self.events: list[Event] = []
         self.finished_at: float | None = None
+        self.size = 0
         self._changed: asyncio.Future[None] | None = None
 
     def notify(self) -> None:
@@ -45,8 +52,11 @@ class MemoryJournal(Journal):
         ttl: float = 600.0,
         max_finished: int = 10_000,
         max_tombstones: int = 100_000,
+        max_bytes: int = 0,
     ) -> None:
         self.ttl = ttl
+        self.max_bytes = int(max_bytes)  # 0: no byte bound
+        self._bytes = 0
         self.max_finished = int(max_finished)
         self.max_tombstones = int(max_tombstones)
         self._logs: dict[str, _Log] = {}
@@ -61,10 +71,16 @@ class MemoryJournal(Journal):
         log = self._logs[stream_id]
         event.seq = len(log.events)
         log.events.append(event)
+        if self.max_bytes:
+            size = len(orjson.dumps(event.to_dict()))
+            log.size += size
+            self._bytes += size
         if event.terminal:
             log.finished_at = time.monotonic()
             self._finished[stream_id] = log.finished_at
         log.notify()
+        if self.max_bytes and self._bytes > self.max_bytes:
+            self.evict()
         return event.seq
 
     def _log(self, stream_id: str) -> _Log:
@@ -103,10 +119,16 @@ class MemoryJournal(Journal):
         evicted = 0
         while self._finished:
             stream_id, finished_at = next(iter(self._finished.items()))
-            if now - finished_at < self.ttl and len(self._finished) <= self.max_finished:
+            if (
+                now - finished_at < self.ttl
+                and len(self._finished) <= self.max_finished
+                and (not self.max_bytes or self._bytes <= self.max_bytes)
+            ):
                 break
             del self._finished[stream_id]
-            self._logs.pop(stream_id, None)
+            dropped = self._logs.pop(stream_id, None)
+            if dropped is not None:
+                self._bytes -= dropped.size
             self._tombstones[stream_id] = None
             evicted += 1
         while len(self._tombstones) > self.max_tombstones:
@@ -117,4 +139,5 @@ class MemoryJournal(Journal):
         return {
             "streams": len(self._logs),
             "events": sum(len(log.events) for log in self._logs.values()),
+            "bytes": self._bytes,
         }

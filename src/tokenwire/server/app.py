@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
@@ -31,8 +32,11 @@ from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols import anthropic_messages, native, openai_chat, renderer_for
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
-from tokenwire.server import ui
+from tokenwire.server import openapi, ui
+from tokenwire.server.auth import OWNER_KEY, ApiKeys, RateLimiter, RequestGate, check_owner
+from tokenwire.server.limits import check_concurrency, clamp_max_tokens, stream_size_stage
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
+from tokenwire.server.shutdown import Drain
 from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
 from tokenwire.stages.pipeline import build_stages
 from tokenwire.streams import Stage, StreamManager
@@ -96,6 +100,26 @@ class Server:
         self.settings = settings
         self.router = router
         self.manager = manager
+        self.drain = Drain(settings.drain_timeout)
+        self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+
+    def admit(self, connection: Request | WebSocket, chat: ChatRequest) -> str | None:
+        """The new stream's owner, once the drain, max_tokens and concurrency limits pass.
+
+        Call right before ``manager.start`` with no ``await`` in between, so the concurrency
+        count cannot go stale.
+        """
+        self.drain.refuse_if_draining()
+        owner: str | None = connection.scope.get(OWNER_KEY)
+        clamp_max_tokens(chat, self.settings.max_tokens_limit)
+        check_concurrency(self.manager.active_streams_of(owner), self.settings.max_streams_per_key)
+        return owner
+
+    async def owned_meta(self, connection: Request | WebSocket, stream_id: str) -> StreamMeta:
+        """A stream's meta, or 404 when it belongs to another key."""
+        meta = await self.manager.meta(stream_id)
+        check_owner(meta, connection.scope.get(OWNER_KEY))
+        return meta
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -164,9 +188,11 @@ class Server:
 
     async def chat_completions(self, request: Request) -> Reply:
         chat, wire = openai_chat.parse(await read_json(request))
+        owner = self.admit(request, chat)
         meta = await self.manager.start(
             chat,
             protocol=openai_chat.PROTOCOL,
+            owner=owner,
             render={"include_usage": chat.include_usage},
         )
         if wire.stream:
@@ -181,7 +207,8 @@ class Server:
 
     async def messages(self, request: Request) -> Reply:
         chat, wire = anthropic_messages.parse(await read_json(request))
-        meta = await self.manager.start(chat, protocol=anthropic_messages.PROTOCOL)
+        owner = self.admit(request, chat)
+        meta = await self.manager.start(chat, protocol=anthropic_messages.PROTOCOL, owner=owner)
         if wire.stream:
             return self.event_stream(meta, after=-1, headers=_cache_header(chat))
         events = await self.collect(meta, request.receive)
@@ -194,17 +221,19 @@ class Server:
 
     async def start_native(self, request: Request) -> Reply:
         chat, _ = native.parse(await read_json(request))
-        meta = await self.manager.start(chat, protocol=native.PROTOCOL)
+        owner = self.admit(request, chat)
+        meta = await self.manager.start(chat, protocol=native.PROTOCOL, owner=owner)
         return self.event_stream(meta, after=-1, headers=_cache_header(chat))
 
     async def resume(self, request: Request) -> Reply:
         after = _after(request)
-        meta = await self.manager.meta(request.path_params["stream_id"])
+        meta = await self.owned_meta(request, request.path_params["stream_id"])
         request.app.state.metrics.resumed()
         return self.event_stream(meta, after=after)
 
     async def cancel(self, request: Request) -> Reply:
         stream_id = request.path_params["stream_id"]
+        await self.owned_meta(request, stream_id)
         await self.manager.cancel(stream_id, "stop")
         return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
 
@@ -231,7 +260,9 @@ class Server:
 
         async def start(body: Any) -> str:
             chat, _ = native.parse(body)
-            return (await manager.start(chat, protocol=native.PROTOCOL)).id
+            self.limiter.take(websocket.scope.get(OWNER_KEY))
+            owner = self.admit(websocket, chat)
+            return (await manager.start(chat, protocol=native.PROTOCOL, owner=owner)).id
 
         async def read(stream_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
             # The socket speaks native events whatever protocol the stream started in.
@@ -239,9 +270,13 @@ class Server:
                 yield event.to_dict()
 
         async def cancel(stream_id: str) -> None:
+            await self.owned_meta(websocket, stream_id)
             await manager.cancel(stream_id, "stop")
 
-        ops = StreamOps(start=start, read=read, cancel=cancel, check=manager.meta)
+        async def check(stream_id: str) -> StreamMeta:
+            return await self.owned_meta(websocket, stream_id)
+
+        ops = StreamOps(start=start, read=read, cancel=cancel, check=check)
         await WebSocketSession(websocket, ops, send_timeout=self.settings.send_timeout).run()
 
 
@@ -308,6 +343,8 @@ def create_app(
         settings.journal,
         ttl=settings.stream_ttl,
         max_finished=settings.max_finished_streams,
+        # Redis bounds its memory with its own maxmemory policy and the stream TTL.
+        **({"max_bytes": settings.journal_max_bytes} if settings.journal == "memory" else {}),
     )
     metrics = Metrics()
     stages: list[Stage] = []
@@ -324,6 +361,8 @@ def create_app(
     stages.extend(build_stages(settings, router))
     # Outside the cache, so replays are coalesced the same way as live streams.
     stages.append(coalesce_stage(parse_coalesce(settings.coalesce, param="coalesce")))
+    # Outermost: counts exactly what the journal will hold.
+    stages.append(stream_size_stage(settings.max_stream_bytes))
     manager = StreamManager(
         router,
         journal,
@@ -342,9 +381,12 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await router.start()
         await manager.start_background()
+        server.drain.bind()
+        draining = asyncio.create_task(server.drain.watch(manager), name="tokenwire-drain")
         try:
             yield
         finally:
+            draining.cancel()
             await manager.close()
             await router.close()
 
@@ -362,10 +404,20 @@ def create_app(
         Route("/healthz", server.healthz, methods=["GET"]),
         WebSocketRoute("/v1/ws", server.websocket),
         Route("/metrics", server.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.endpoint, methods=["GET"]),
         *ui.routes(),
     ]
+    gate = Middleware(
+        RequestGate,
+        keys=ApiKeys(settings.api_keys),
+        limiter=server.limiter,
+        max_body_bytes=settings.max_body_bytes,
+        metrics_auth=settings.metrics_auth,
+        on_reject=lambda exc: metrics.request_error(exc.error_type),
+    )
     app = Starlette(
         routes=routes,
+        middleware=[gate],
         lifespan=lifespan,
         exception_handlers={404: _http_error, 405: _http_error},
     )
