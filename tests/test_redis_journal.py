@@ -163,7 +163,7 @@ async def test_unknown_and_expired_streams(redis: RedisServer) -> None:
         await journal.append(meta.id, StreamCompleted())
         assert [e.seq for e in await collect(journal, meta.id)] == [0]
         await asyncio.sleep(0.8)
-        with pytest.raises(StreamExpired, match="expired.*kept for 0.5s"):
+        with pytest.raises(StreamExpired, match=r"expired.*kept for 0\.5s"):
             await journal.meta(meta.id)
         with pytest.raises(StreamExpired):
             await collect(journal, meta.id)  # type: ignore[arg-type]
@@ -211,7 +211,7 @@ async def test_cancel_reaches_the_producing_replica(
 async def test_cancel_flag_is_polled_when_the_message_was_missed(
     pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
 ) -> None:
-    a, b = pair
+    a, _ = pair
     meta = new_meta()
     await a.create(meta)
     # Set the flag without publishing, as if the pub/sub message was lost.

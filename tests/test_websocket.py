@@ -21,7 +21,7 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon and a kn
 
 @pytest.fixture(scope="module")
 def ws_server() -> Iterator[RunningServer]:
-    with tokenwire_server("--disconnect-grace", "20", "--heartbeat", "1") as running:
+    with tokenwire_server("--disconnect-grace", "20", "--heartbeat", "1", "--threads", "1") as running:
         yield running
 
 
@@ -33,8 +33,8 @@ def chat(max_tokens: int = 24, **extra: Any) -> dict[str, Any]:
     return {"model": "default", "messages": STORY, "max_tokens": max_tokens, **extra}
 
 
-async def receive(ws: Any, timeout: float = 60) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+async def receive(ws: Any) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 60))
     return message
 
 
