@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -310,6 +311,66 @@ def test_request_errors_are_typed(server: RunningServer) -> None:
         with pytest.raises(InvalidRequest) as info:
             client.chat.create(messages=PROMPT, temperature=7)
     assert "temperature" in str(info.value)
+
+
+PERSON = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "person",
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+        },
+    },
+}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_partial_objects_grow_into_the_parsed_result(server: RunningServer) -> None:
+    messages = [{"role": "user", "content": "Invent a person: give a name and an age."}]
+    with (
+        Client(server.url) as client,
+        client.chat.stream(
+            messages=messages, response_format=PERSON, max_tokens=60, temperature=0
+        ) as stream,
+    ):
+        partials = list(stream.partial_objects())
+    result = stream.final()
+    assert len(partials) >= 3
+    assert isinstance(result.parsed, dict) and result.parsed == partials[-1]
+    assert isinstance(result.parsed["name"], str) and isinstance(result.parsed["age"], int)
+    assert result.parsed == json.loads(result.text)
+    # Progressive: the name is seen growing before the object is whole.
+    names = [p.get("name") for p in partials if isinstance(p, dict) and p.get("name")]
+    assert len(set(names)) >= 2 or len(partials) > len(names)
+
+
+@pytest.mark.parametrize("protocol", ["native", "openai", "anthropic"])
+def test_tool_calls_in_every_protocol(server: RunningServer, protocol: str) -> None:
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with Client(server.url, protocol=protocol) as client:  # type: ignore[arg-type]
+        result = client.chat.create(
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            max_tokens=80,
+            temperature=0,
+        )
+    assert result.finish_reason == "tool_calls"
+    assert [call.name for call in result.tool_calls] == ["get_weather"]
+    assert "city" in json.loads(result.tool_calls[0].arguments)
 
 
 # -- resume ----------------------------------------------------------------------------------

@@ -102,9 +102,36 @@ def build_request(
     if stop is not None:
         body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     params.pop("seed", None)  # Anthropic has no seed
+    if params.get("tools"):
+        params["tools"] = [_anthropic_tool(tool) for tool in params["tools"]]
+    if "tool_choice" in params:
+        params["tool_choice"] = _anthropic_tool_choice(params["tool_choice"])
     body.update(params)
     body["stream"] = True
     return "/v1/messages", body
+
+
+def _anthropic_tool(tool: Any) -> Any:
+    """OpenAI's ``{"type": "function", "function": {…}}`` in Anthropic's shape; others as is,
+    so one ``tools=`` list works with every protocol."""
+    if isinstance(tool, Mapping) and tool.get("type") == "function" and "function" in tool:
+        function = tool["function"]
+        return {
+            "name": function["name"],
+            "description": function.get("description", ""),
+            "input_schema": function.get("parameters") or {"type": "object"},
+        }
+    return tool
+
+
+def _anthropic_tool_choice(choice: Any) -> Any:
+    if choice == "required":
+        return {"type": "any"}
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if isinstance(choice, Mapping) and choice.get("type") == "function":
+        return {"type": "tool", "name": choice["function"]["name"]}
+    return choice
 
 
 def auth_headers(protocol: ProtocolName, api_key: str | None) -> dict[str, str]:
