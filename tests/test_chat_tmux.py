@@ -159,3 +159,27 @@ def test_one_shot_prints_plain_text_to_a_pipe(server: RunningServer) -> None:
     with Client(server.url) as client:
         expected = client.chat.create(messages=[{"role": "user", "content": prompt}], **params).text
     assert result.stdout == expected + "\n"
+
+
+@pytest.mark.timeout(180)
+def test_one_shot_with_the_embedded_model_in_process() -> None:
+    """No server: ``--embedded`` starts the model inside the chat process on a free port."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenwire.cli.main",
+            "chat",
+            "--embedded",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "Name a colour.",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
