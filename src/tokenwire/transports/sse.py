@@ -77,14 +77,20 @@ class EventSourceResponse:
         self.status_code = status_code
         self.headers = {**STREAM_HEADERS, **(headers or {})}
         self._last_send = 0.0
-        self._lock = anyio.Lock()
+        #: When the send in progress started (None: none in progress); the heartbeat task
+        #: enforces ``send_timeout`` on it, so the hot path arms no timer per frame.
+        self._send_started: float | None = None
+        # fast_acquire: no event-loop round trip per frame when the lock is free (it
+        # only ever waits for a heartbeat).
+        self._lock = anyio.Lock(fast_acquire=True)
 
     async def _send_body(self, send: Send, chunk: bytes) -> None:
         async with self._lock:
-            # A client that stops reading fills the socket; the send then blocks on flow
-            # control. Past the timeout we treat it as gone rather than hold the producer.
-            with anyio.fail_after(self.send_timeout if self.send_timeout else math.inf):
+            self._send_started = time.monotonic()
+            try:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            finally:
+                self._send_started = None
             self._last_send = time.monotonic()
 
     async def _pump(self, send: Send) -> None:
@@ -93,12 +99,24 @@ class EventSourceResponse:
                 await self._send_body(send, chunk)
 
     async def _heartbeats(self, send: Send) -> None:
+        limit = self.send_timeout if self.send_timeout else math.inf
         while True:
-            idle_for = time.monotonic() - self._last_send
-            if idle_for >= self.heartbeat:
-                await self._send_body(send, encode_comment("ping"))
+            now = time.monotonic()
+            started = self._send_started
+            if started is not None:
+                # A client that stops reading fills the socket; the send then blocks on
+                # flow control. Past the timeout we treat it as gone rather than hold the
+                # producer.
+                if now - started >= limit:
+                    raise TimeoutError("the client stopped reading")
+                await anyio.sleep(min(self.heartbeat, started + limit - now))
                 continue
-            await anyio.sleep(self.heartbeat - idle_for)
+            idle_for = now - self._last_send
+            if idle_for >= self.heartbeat:
+                with anyio.fail_after(limit):
+                    await self._send_body(send, encode_comment("ping"))
+                continue
+            await anyio.sleep(min(self.heartbeat - idle_for, limit))
 
     @staticmethod
     async def _until_disconnect(receive: Receive) -> None:
