@@ -509,6 +509,21 @@ def test_cancel_on_a_foreign_server_drops_the_connection(llama_server: str) -> N
     assert stream.final().cancelled
 
 
+@pytest.mark.anyio
+async def test_async_cancel_on_a_foreign_server(llama_server: str) -> None:
+    events: list[Event] = []
+    async with (
+        AsyncClient(llama_server, protocol="openai") as client,
+        client.chat.stream(messages=PROMPT, max_tokens=300) as stream,
+    ):
+        async for event in stream:
+            events.append(event)
+            if sum(isinstance(e, TextDelta) for e in events) == 3:
+                await stream.cancel()
+    assert isinstance(events[-1], StreamCancelled)
+    assert (await stream.final()).cancelled
+
+
 def test_reads_a_foreign_openai_server(llama_server: str) -> None:
     with (
         Client(llama_server, protocol="openai") as client,
@@ -549,6 +564,19 @@ def test_connection_released_on_exception(server: RunningServer) -> None:
             for _ in s.text_stream():
                 raise KeyError("user code failed")
         released_and_stopped(server, proxy, s.id)
+
+
+def test_final_after_an_early_close_is_interrupted(server: RunningServer) -> None:
+    with Client(server.url) as client:
+        stream = client.chat.stream(messages=PROMPT, max_tokens=400)
+        pieces = []
+        for piece in stream.text_stream():  # no ``with``: the break closes the stream
+            pieces.append(piece)
+            if len(pieces) == 3:
+                break
+        with pytest.raises(StreamInterrupted) as info:
+            stream.final()
+    assert info.value.partial_text == "".join(pieces)
 
 
 @pytest.mark.anyio

@@ -250,15 +250,17 @@ class _StreamCore:
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def interrupted(self, cause: BaseException) -> StreamInterrupted:
-        if not self.resumable:
-            why = "the server gave no stream id to resume with"
-        else:
-            why = f"{self.attempts - 1 if self.attempts else 0} resume attempt(s) failed"
+    def interrupted(
+        self, cause: BaseException | None, message: str | None = None
+    ) -> StreamInterrupted:
+        if message is None:
+            if not self.resumable:
+                why = "the server gave no stream id to resume with"
+            else:
+                why = f"{self.attempts} resume attempt(s) failed"
+            message = f"the stream broke ({cause!r}) and {why}"
         last = int(self.last_event_id) if self.last_event_id.isdigit() else -1
-        exc = StreamInterrupted(
-            f"the stream broke ({cause!r}) and {why}", partial_text=self.text, last_event_id=last
-        )
+        exc = StreamInterrupted(message, partial_text=self.text, last_event_id=last)
         exc.stream_id = self.stream_id  # type: ignore[attr-defined]
         self.metrics.end()
         return exc
@@ -267,13 +269,16 @@ class _StreamCore:
         """Seconds to wait before the next resume attempt; raises once retries are spent."""
         if not self.resumable or self.stream_id is None:
             raise self.interrupted(cause) from cause
-        self.attempts += 1
-        if self.attempts > self.policy.max_retries:
+        if self.attempts >= self.policy.max_retries:
             raise self.interrupted(cause) from cause
+        self.attempts += 1
         return self.policy.delay(self.attempts, self.retry_ms)
 
     def result(self) -> ChatResult:
         terminal = self.terminal
+        if terminal is None:
+            # Closed (or broken) before its end: there is no whole result to give.
+            raise self.interrupted(None, "the stream was closed before its end")
         if isinstance(terminal, StreamFailed):
             exc = error_from_event(terminal.error)
             exc.partial_text = self.text  # type: ignore[attr-defined]
