@@ -1,12 +1,23 @@
 """The embedded model: llama.cpp through llama-cpp-python, the default backend.
 
-The model is loaded once at start-up and warmed up. Decoding runs on one dedicated thread
-(llama.cpp contexts are not thread-safe); each token is handed to the event loop with
-``call_soon_threadsafe`` the moment it is decoded. Requests take turns through a fair FIFO
-queue and see their position as ``progress`` events; a full queue is refused with 429.
+Continuous batching: concurrent streams decode together, one sequence each in a shared KV
+cache (``parallel`` sequences, default 8), with one ``llama_decode`` per step for all of
+them, on one dedicated thread (llama.cpp contexts are not thread-safe). Streams join and
+leave at token boundaries; a long prompt is prefilled ``prefill_chunk`` tokens per step so
+the others keep decoding meanwhile. Each step's tokens reach the event loop in one
+``call_soon_threadsafe``. When all sequences are busy, requests wait in a fair FIFO queue
+and see their position as ``progress`` events; a full queue is refused with 429.
 
-The decode loop checks the cancel token before every token, so Stop and disconnect end
-decoding within one token. Stop sequences are matched inside the loop (``StopMatcher``).
+Every step checks each stream's cancel token, and Stop wakes the engine, so Stop and
+disconnect end decoding within one token and free the sequence's KV cells at once
+(``llama_memory_seq_rm``). Stop sequences are matched inside the loop (``StopMatcher``).
+
+Sampling: each sequence has its own llama.cpp sampler chain (greedy at temperature 0, else
+top-k 40, top-p, min-p 0.05, temperature, and a ``dist`` sampler seeded with the request's
+``seed``), plus the request's grammar (JSON / tool calls, ``grammar.py``). A fixed seed gives
+the same text alone or batched with others in our measurements (tests/test_batching.py),
+but this is not a hard guarantee: a batch of different size can change the float summation
+order in llama.cpp's kernels, and a near-tie between two tokens may then flip.
 
 Chat template: the GGUF's ``tokenizer.chat_template`` metadata, rendered with
 llama-cpp-python's Jinja2 formatter; when the GGUF has none (or ``--chat-template`` is
@@ -17,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import concurrent.futures
+import collections
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -30,12 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.admission import FairQueue
+from tokenwire.backends import grammar
 from tokenwire.backends.base import Backend, ModelInfo
 from tokenwire.cancel import CancelToken
 from tokenwire.config import Settings
 from tokenwire.errors import BackendError, ContextLengthExceeded, InvalidRequest
 from tokenwire.events import Event, Progress, StreamCompleted, TextDelta, Usage
-from tokenwire.requests import ChatRequest
+from tokenwire.requests import ChatRequest, Message, SamplingParams
 from tokenwire.stages.stop import StopMatcher
 
 __all__ = ["CHATML_TEMPLATE", "LlamaCppBackend", "default_model_path"]
@@ -82,6 +95,312 @@ class _Finished:
     decode_seconds: float
 
 
+_Item = str | _Finished | BaseException
+_RELEASED = object()  # outbox marker: the engine has freed the sequence
+
+
+class _Sequence:
+    """One stream inside the shared batch: its KV sequence, sampler chain and text state.
+
+    Touched only by the engine thread, except ``stop`` (a flag the loop may set), and
+    ``queue`` / ``released``, which only the loop touches (the engine posts to them).
+    """
+
+    def __init__(
+        self,
+        prompt: list[int],
+        request: ChatRequest,
+        limit: int,
+        cancel: CancelToken,
+        loop: asyncio.AbstractEventLoop,
+        grammar: Any = None,
+    ) -> None:
+        self.prompt = prompt
+        self.request = request
+        self.limit = limit
+        self.cancel = cancel
+        self.loop = loop
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.released: asyncio.Future[None] = loop.create_future()
+        self.grammar = grammar  # a llama_cpp.LlamaGrammar for JSON / tool calls, or None
+        self.stop = threading.Event()  # the consumer went away
+        self.seq_id = -1
+        self.fed = 0  # prompt tokens already in the KV cache
+        self.n_past = 0  # positions this sequence holds in the KV cache
+        self.next_token = -1  # sampled, to be fed in the next step
+        self.completed = 0
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.sampler: Any = None
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopMatcher(request.sampling.stop)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_cancelled() or self.stop.is_set()
+
+
+class _BatchEngine:
+    """Continuous batching over one llama.cpp context, on one dedicated thread.
+
+    Each step builds one ``llama_batch``: the next token of every decoding sequence plus up
+    to ``prefill_chunk`` prompt tokens of sequences still prefilling (oldest first), then
+    calls ``llama_decode`` once and samples each sequence that produced logits with its own
+    sampler chain. Sequences join and leave between steps; a stopped sequence's KV cells are
+    removed (``llama_memory_seq_rm``) before the next step is built.
+    """
+
+    def __init__(
+        self, llama: Any, *, n_parallel: int, n_ctx: int, prefill_chunk: int, n_threads: int
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._lib = llama_cpp
+        self._internals: Any = _internals
+        self.llama = llama
+        self.n_parallel = n_parallel
+        self.prefill_chunk = max(1, prefill_chunk)
+        # Small ubatches keep the compute buffer (worst-case logits for every token) small.
+        self.n_batch = self.prefill_chunk + n_parallel
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * n_parallel  # n_ctx cells for each sequence
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = n_parallel
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads
+        # One KV stream per sequence (not one unified pool): each sequence's cells stay
+        # contiguous, as when it decodes alone, so batching does not change the float
+        # summation order of attention and a seeded stream gives the same text batched or
+        # alone. A unified pool interleaves cells and flips near-tied tokens now and then.
+        params.kv_unified = False
+        params.no_perf = True
+        params.type_k = 8  # GGML_TYPE_Q8_0: half the KV memory of f16
+        params.type_v = 8
+        try:
+            self.context: Any = self._internals.LlamaContext(
+                model=llama._model, params=params, verbose=False
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError(f"could not create the batched llama.cpp context: {exc}") from exc
+        self.memory = llama_cpp.llama_get_memory(self.context.ctx)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.vocab = llama._model.vocab
+        self.n_vocab = llama.n_vocab()
+        self._free_ids = list(range(n_parallel - 1, -1, -1))
+        self._active: list[_Sequence] = []
+        self._inbox: collections.deque[_Sequence] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        # Items for the loop, posted once per step: one wake-up of the loop per step,
+        # not one per token per stream.
+        self._outbox: list[tuple[_Sequence, object]] = []
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="tokenwire-decode", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ------------------------------------------------------
+
+    def submit(self, sequence: _Sequence) -> None:
+        with self._wake:
+            self._inbox.append(sequence)
+            self._wake.notify()
+
+    def wake(self) -> None:
+        """A sequence was stopped: make sure an idle engine notices at once."""
+        with self._wake:
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        for sequence in list(self._active):
+            self._finish(sequence, "cancelled")
+        while self._inbox:
+            self._emit(self._inbox[0], _Finished("cancelled", 0, 0, None, 0.0))
+            self._emit(self._inbox.popleft(), _RELEASED)
+        self._flush()
+        if self.batch is not None:
+            self._lib.llama_batch_free(self.batch)
+            self.batch = None
+        self.context.close()
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._inbox and not self._active:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                while self._inbox and self._free_ids:
+                    self._join(self._inbox.popleft())
+            try:
+                self._step()
+            except Exception as exc:  # llama.cpp failures: fail every running stream
+                log.exception("batched decode step failed")
+                for sequence in list(self._active):
+                    self._finish(sequence, error=exc)
+            self._flush()
+
+    def _emit(self, sequence: _Sequence, item: object) -> None:
+        self._outbox.append((sequence, item))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, object]]] = {}
+        for entry in outbox:
+            loops.setdefault(entry[0].loop, []).append(entry)
+        for loop, items in loops.items():
+            with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
+                loop.call_soon_threadsafe(_deliver, items)
+
+    def _join(self, sequence: _Sequence) -> None:
+        sequence.seq_id = self._free_ids.pop()
+        sequence.sampler = self._sampler(sequence)
+        self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
+        self._active.append(sequence)
+
+    def _sampler(self, sequence: _Sequence) -> Any:
+        params = sequence.request.sampling
+        chain = self._internals.LlamaSampler()
+        if params.frequency_penalty or params.presence_penalty:
+            chain.add_penalties(
+                n_vocab=self.n_vocab,
+                penalty_last_n=64,
+                penalty_repeat=1.0,
+                penalty_freq=params.frequency_penalty,
+                penalty_present=params.presence_penalty,
+            )
+        if sequence.grammar is not None:
+            chain.add_grammar(self.llama._model, sequence.grammar)
+        if params.temperature == 0:
+            chain.add_greedy()
+        else:
+            seed = params.seed if params.seed is not None else random.getrandbits(32)
+            chain.add_top_k(40)
+            chain.add_top_p(params.top_p, 1)
+            chain.add_min_p(0.05, 1)
+            chain.add_temp(params.temperature)
+            chain.add_dist(seed & 0xFFFFFFFF)
+        return chain
+
+    def _release(self, sequence: _Sequence) -> None:
+        if sequence.seq_id >= 0:
+            self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
+            self._free_ids.append(sequence.seq_id)
+            sequence.seq_id = -1
+        if sequence.sampler is not None:
+            sequence.sampler.close()
+            sequence.sampler = None
+        self._emit(sequence, _RELEASED)
+
+    def _finish(
+        self, sequence: _Sequence, reason: str = "stop", error: BaseException | None = None
+    ) -> None:
+        if sequence in self._active:
+            self._active.remove(sequence)
+        if error is not None:
+            self._emit(sequence, error)
+        else:
+            if reason not in ("stop_matched", "cancelled"):
+                tail = sequence.decoder.decode(b"", final=True)
+                text = sequence.stops.feed(tail)[0] + sequence.stops.flush()
+                if text:
+                    self._emit(sequence, text)
+            first = sequence.first_token_at
+            self._emit(
+                sequence,
+                _Finished(
+                    finish_reason="stop" if reason == "stop_matched" else reason,
+                    prompt_tokens=len(sequence.prompt),
+                    completion_tokens=sequence.completed,
+                    ttft_ms=round((first - sequence.submitted) * 1000, 2) if first else None,
+                    decode_seconds=(time.perf_counter() - first) if first else 0.0,
+                ),
+            )
+        self._release(sequence)
+
+    def _step(self) -> None:
+        for sequence in list(self._active):
+            if sequence.should_stop():
+                self._finish(sequence, "cancelled")
+        if not self._active:
+            return
+        batch = self.batch
+        n = 0
+        outputs: list[tuple[_Sequence, int]] = []
+        for sequence in self._active:
+            if sequence.prefilling:
+                continue
+            batch.token[n] = sequence.next_token
+            batch.pos[n] = sequence.n_past
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sequence.seq_id
+            batch.logits[n] = True
+            outputs.append((sequence, n))
+            sequence.n_past += 1
+            n += 1
+        budget = self.prefill_chunk
+        for sequence in self._active:
+            if budget <= 0:
+                break
+            if not sequence.prefilling:
+                continue
+            take = min(budget, len(sequence.prompt) - sequence.fed)
+            for offset in range(take):
+                batch.token[n] = sequence.prompt[sequence.fed + offset]
+                batch.pos[n] = sequence.n_past + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = sequence.seq_id
+                batch.logits[n] = False
+                n += 1
+            sequence.fed += take
+            sequence.n_past += take
+            budget -= take
+            if sequence.fed == len(sequence.prompt):
+                batch.logits[n - 1] = True  # the prompt's last token gives the first logits
+                outputs.append((sequence, n - 1))
+        batch.n_tokens = n
+        status = self._lib.llama_decode(self.context.ctx, batch)
+        self.steps += 1
+        if status != 0:
+            raise BackendError(f"llama_decode returned {status}")
+        detokenize = self.llama.detokenize
+        is_eog = self._lib.llama_vocab_is_eog
+        sample = self._lib.llama_sampler_sample
+        ctx = self.context.ctx
+        for sequence, index in outputs:
+            token = sample(sequence.sampler.sampler, ctx, index)
+            if sequence.first_token_at is None:
+                sequence.first_token_at = time.perf_counter()
+            if sequence.should_stop():
+                self._finish(sequence, "cancelled")
+                continue
+            if is_eog(self.vocab, token):
+                self._finish(sequence, "stop")
+                continue
+            sequence.completed += 1
+            text, matched = sequence.stops.feed(sequence.decoder.decode(detokenize([token])))
+            if text:
+                self._emit(sequence, text)
+            if matched:
+                self._finish(sequence, "stop_matched")
+            elif sequence.completed >= sequence.limit:
+                self._finish(sequence, "length")
+            else:
+                sequence.next_token = token
+
+
 class LlamaCppBackend(Backend):
     name = "embedded"
 
@@ -95,19 +414,24 @@ class LlamaCppBackend(Backend):
         n_threads: int | None = None,
         max_queue: int = 64,
         warmup: bool = True,
+        parallel: int = 8,
+        prefill_chunk: int = 64,
     ) -> None:
         self.model_path = Path(model_path) if model_path else default_model_path()
         self._model_name = model_name
         self._chat_template = chat_template
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+        # One core stays with the event loop (HTTP, SSE, JSON): ggml's worker threads spin
+        # at every barrier, and on a busy machine a second decode thread waiting for a
+        # descheduled peer made decoding ~10x slower (benchmarks/README.md).
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
         self.warmup = warmup
-        self.queue = FairQueue(slots=1, max_waiting=max_queue)
+        self.parallel = max(1, parallel)
+        self.prefill_chunk = prefill_chunk
+        self.queue = FairQueue(slots=self.parallel, max_waiting=max_queue)
         self._llama: Any = None
+        self._engine: _BatchEngine | None = None
         self._format: Callable[[list[dict[str, str]]], str] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="tokenwire-decode"
-        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LlamaCppBackend:
@@ -122,13 +446,24 @@ class LlamaCppBackend(Backend):
             n_threads=settings.threads,
             max_queue=settings.max_queue,
             warmup=settings.warmup,
+            parallel=settings.parallel,
+            prefill_chunk=settings.prefill_chunk,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await loop.run_in_executor(None, self._load)
+        if self.warmup:
+            # One short generation: the first real request must not pay for lazy init.
+            warm = ChatRequest(
+                model="default",
+                messages=[Message(role="user", content="Hi")],
+                sampling=SamplingParams(max_tokens=2, temperature=0.0),
+            )
+            async for _ in self._decode(self._prompt_tokens(warm), warm, CancelToken()):
+                pass
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -136,11 +471,12 @@ class LlamaCppBackend(Backend):
 
         started = time.perf_counter()
         try:
+            # This context only tokenizes: generation runs in the engine's batched context.
             self._llama = Llama(
                 model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
+                n_ctx=64,
+                n_batch=64,
+                n_threads=1,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -164,23 +500,26 @@ class LlamaCppBackend(Backend):
         self._format = render
         if not self._model_name:
             self._model_name = metadata.get("general.name") or self.model_path.stem
-        if self.warmup:
-            # One short generation: the first real request must not pay for lazy init.
-            tokens = llama.tokenize(
-                render([{"role": "user", "content": "Hi"}]).encode(), special=True
-            )
-            for _, _token in zip(range(2), llama.generate(tokens, temp=0.0), strict=False):
-                pass
+        self._engine = _BatchEngine(
+            llama,
+            n_parallel=self.parallel,
+            n_ctx=self.n_ctx,
+            prefill_chunk=self.prefill_chunk,
+            n_threads=self.n_threads,
+        )
         log.info(
-            "embedded model %s loaded in %.1fs (ctx %d, %d threads)",
+            "embedded model %s loaded in %.1fs (ctx %d, %d parallel, %d threads)",
             self.model_path.name,
             time.perf_counter() - started,
             self.n_ctx,
+            self.parallel,
             self.n_threads,
         )
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.close)
         llama, self._llama = self._llama, None
         if llama is not None:
             llama.close()
@@ -192,7 +531,7 @@ class LlamaCppBackend(Backend):
 
     def _prompt_tokens(self, request: ChatRequest) -> list[int]:
         assert self._format is not None and self._llama is not None, "backend not started"
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = grammar.prompt_messages(request)
         try:
             prompt = self._format(messages)
         except Exception as exc:  # jinja errors: the template rejects this conversation
@@ -213,12 +552,7 @@ class LlamaCppBackend(Backend):
         return tokens
 
     async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
-        if request.tools or request.response_format.type != "text":
-            # Grammar-constrained tools and JSON arrive with structured output (issue 5).
-            raise InvalidRequest(
-                "tools and response_format are not supported by the embedded model yet.",
-                param="tools" if request.tools else "response_format",
-            )
+        grammar.gbnf_for(request)  # a schema the grammar cannot express is a 400, up front
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(None, self._prompt_tokens, request)
         ticket = self.queue.join()  # raises Overloaded before any event
@@ -236,27 +570,35 @@ class LlamaCppBackend(Backend):
                 if cancel.is_cancelled():
                     return
                 yield Progress(stage="prefill", message=f"{len(prompt)} prompt tokens")
-            async for event in self._decode(prompt, request, cancel):
-                yield event
+            decoded = grammar.tool_call_events(self._decode(prompt, request, cancel), request)
+            # aclosing: a consumer that stops early (a stage that failed the output) ends
+            # decoding before the queue slot is given to the next request.
+            async with contextlib.aclosing(decoded):
+                async for event in decoded:
+                    yield event
         finally:
             ticket.leave()
 
     async def _decode(
         self, prompt: list[int], request: ChatRequest, cancel: CancelToken
     ) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | _Finished | BaseException] = asyncio.Queue()
-        stop_decoding = threading.Event()  # set when the consumer goes away
-
-        def emit(item: str | _Finished | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def should_stop() -> bool:
-            return cancel.is_cancelled() or stop_decoding.is_set()
-
-        future = loop.run_in_executor(
-            self._executor, self._decode_blocking, prompt, request, should_stop, emit
+        engine = self._engine
+        assert engine is not None, "backend not started"
+        params = request.sampling
+        limit = params.max_tokens if params.max_tokens is not None else self.n_ctx - len(prompt)
+        sequence = _Sequence(
+            prompt,
+            request,
+            limit,
+            cancel,
+            asyncio.get_running_loop(),
+            grammar=grammar.llama_grammar(request),  # JSON / tool calls (grammar.py)
         )
+        queue = sequence.queue
+        engine.submit(sequence)
+        # Wake the engine when Stop arrives, so a cancel is seen within one step.
+        waker = asyncio.ensure_future(cancel.wait())
+        waker.add_done_callback(lambda _: engine.wake())
         try:
             while True:
                 item = await queue.get()
@@ -278,80 +620,18 @@ class LlamaCppBackend(Backend):
                 else:
                     raise BackendError(f"the embedded model failed: {item}") from item
         finally:
-            stop_decoding.set()
-            # Never let the next request start while this one still decodes.
-            await asyncio.shield(future)
+            waker.cancel()
+            sequence.stop.set()
+            engine.wake()
+            # The slot is free only once the engine dropped the sequence's KV cells.
+            await asyncio.shield(sequence.released)
 
-    def _decode_blocking(
-        self,
-        prompt: list[int],
-        request: ChatRequest,
-        should_stop: Callable[[], bool],
-        emit: Callable[[str | _Finished | BaseException], None],
-    ) -> None:
-        """Runs on the decode thread: one token at a time, checking for Stop before each."""
-        llama = self._llama
-        params = request.sampling
-        started = time.perf_counter()
-        first_token_at: float | None = None
-        completed = 0
-        finish_reason = "length"
-        limit = params.max_tokens if params.max_tokens is not None else self.n_ctx - len(prompt)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        import llama_cpp
 
-        vocab = llama._model.vocab
-        generator = None
-        matched = False
-        try:
-            generator = llama.generate(
-                prompt,
-                temp=params.temperature,
-                top_p=params.top_p,
-                top_k=40,
-                min_p=0.05,
-                repeat_penalty=1.0,
-                frequency_penalty=params.frequency_penalty,
-                presence_penalty=params.presence_penalty,
-            )
-            for token in generator if not should_stop() else ():
-                if should_stop():
-                    break
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish_reason = "stop"
-                    break
-                completed += 1
-                text, matched = stops.feed(decoder.decode(llama.detokenize([token])))
-                if text:
-                    emit(text)
-                if matched:
-                    finish_reason = "stop"
-                    break
-                if completed >= limit:
-                    break
-            if should_stop():
-                finish_reason = "cancelled"
-            elif not matched:
-                tail = stops.feed(decoder.decode(b"", final=True))[0] + stops.flush()
-                if tail:
-                    emit(tail)
-        except Exception as exc:  # llama.cpp errors, translated at our edge
-            emit(exc)
-            return
-        finally:
-            if generator is not None:
-                generator.close()
-        ended = time.perf_counter()
-        emit(
-            _Finished(
-                finish_reason=finish_reason,
-                prompt_tokens=len(prompt),
-                completion_tokens=completed,
-                ttft_ms=round((first_token_at - started) * 1000, 2) if first_token_at else None,
-                decode_seconds=(ended - first_token_at) if first_token_at else 0.0,
-            )
-        )
+def _deliver(items: list[tuple[_Sequence, object]]) -> None:
+    """On the loop: hand one step's output to the streams' queues."""
+    for sequence, item in items:
+        if item is _RELEASED:
+            if not sequence.released.done():
+                sequence.released.set_result(None)
+        else:
+            sequence.queue.put_nowait(item)  # type: ignore[arg-type]

@@ -1,0 +1,143 @@
+"""Continuous batching in the embedded backend, on the real model.
+
+Concurrent streams decode in one batch (their tokens interleave in time), a seeded stream
+gives the same text batched as alone, Stop frees a sequence slot at once for a queued
+request, a long prompt is prefilled in chunks while others keep decoding, and the queue
+still answers with positions and 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tokenwire.backends.llamacpp import LlamaCppBackend
+from tokenwire.cancel import CancelToken
+from tokenwire.errors import Overloaded
+from tokenwire.events import Event, Progress, TextDelta
+from tokenwire.requests import ChatRequest, Message, SamplingParams
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def backend() -> AsyncIterator[LlamaCppBackend]:
+    model = LlamaCppBackend(parallel=4, max_queue=2, prefill_chunk=32)
+    await model.start()
+    yield model
+    await model.close()
+
+
+def request(content: str, *, max_tokens: int = 12, **sampling: object) -> ChatRequest:
+    params = SamplingParams(max_tokens=max_tokens, **sampling)  # type: ignore[arg-type]
+    return ChatRequest(
+        model="default", messages=[Message(role="user", content=content)], sampling=params
+    )
+
+
+async def collect(
+    model: LlamaCppBackend, chat: ChatRequest, cancel: CancelToken | None = None
+) -> list[tuple[float, Event]]:
+    cancel = cancel or CancelToken()
+    return [(time.perf_counter(), event) async for event in model.stream(chat, cancel)]
+
+
+def text_of(events: list[tuple[float, Event]]) -> str:
+    return "".join(e.text for _, e in events if isinstance(e, TextDelta))
+
+
+PROMPTS = [f"Write one sentence about the number {n}." for n in range(4)]
+
+
+async def test_concurrent_seeded_streams_all_complete_with_their_solo_text(
+    backend: LlamaCppBackend,
+) -> None:
+    chats = [request(p, temperature=0.9, seed=1000 + i) for i, p in enumerate(PROMPTS)]
+    solo = [text_of(await collect(backend, chat)) for chat in chats]
+    batched = await asyncio.gather(*(collect(backend, chat) for chat in chats))
+    for events, alone in zip(batched, solo, strict=True):
+        assert events[-1][1].type == "stream.completed"
+        assert text_of(events) == alone
+    # The streams ran together: every stream's first token came before any stream ended.
+    firsts = [next(t for t, e in events if isinstance(e, TextDelta)) for events in batched]
+    ends = [events[-1][0] for events in batched]
+    assert max(firsts) < min(ends)
+    assert backend.queue.running == 0 and backend.queue.waiting == 0
+
+
+async def test_stop_frees_a_slot_for_the_queued_request_within_a_token(
+    backend: LlamaCppBackend,
+) -> None:
+    cancels = [CancelToken() for _ in range(4)]
+    long = [
+        asyncio.ensure_future(
+            collect(backend, request(p, max_tokens=400, temperature=0), cancels[i])
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
+    while backend.queue.running < 4:
+        await asyncio.sleep(0.01)
+    # All four sequences are busy: a fifth request waits at position 1.
+    waiting_events: list[Event] = []
+    waiter_cancel = CancelToken()
+
+    async def wait_in_queue() -> None:
+        async for event in backend.stream(request("Say hi.", max_tokens=3), waiter_cancel):
+            waiting_events.append(event)
+
+    waiter = asyncio.ensure_future(wait_in_queue())
+    while not waiting_events:
+        await asyncio.sleep(0.01)
+    assert isinstance(waiting_events[0], Progress) and waiting_events[0].stage == "queued"
+    assert waiting_events[0].position == 1
+    # Beyond the queue's bound (2 waiting): 429 before any event.
+    second_waiter = asyncio.ensure_future(collect(backend, request("x", max_tokens=1)))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded):
+        await collect(backend, request("y", max_tokens=1))
+
+    # Stop one running stream: it ends within one token and the waiter is admitted.
+    await asyncio.sleep(0.3)
+    stopped_at = time.perf_counter()
+    cancels[0].cancel("stop")
+    stopped = await asyncio.wait_for(long[0], 30)
+    after_stop = [e for t, e in stopped if t > stopped_at and isinstance(e, TextDelta)]
+    assert len(after_stop) <= 1
+    assert stopped[-1][1].type == "usage"  # a cancelled stream has no stream.completed
+    await asyncio.wait_for(waiter, 60)
+    stages = [e.stage for e in waiting_events if isinstance(e, Progress)]
+    assert stages[-1] == "prefill" and waiting_events[-1].type == "stream.completed"
+    for cancel in cancels[1:]:
+        cancel.cancel("stop")
+    await asyncio.wait_for(asyncio.gather(*long[1:], second_waiter), 60)
+    assert backend.queue.running == 0 and backend.queue.waiting == 0
+
+
+async def test_a_long_prompt_is_prefilled_while_another_stream_keeps_decoding(
+    backend: LlamaCppBackend,
+) -> None:
+    running = asyncio.ensure_future(
+        collect(backend, request("Count from one to fifty in words.", max_tokens=200))
+    )
+    while backend.queue.running < 1:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    long_prompt = "Here is a list of fruits: " + ", ".join(["apple", "pear", "plum"] * 120)
+    joined_at = time.perf_counter()
+    late = await collect(backend, request(long_prompt + "\nName one.", max_tokens=2))
+    first_late = next(t for t, e in late if isinstance(e, TextDelta))
+    events = await running
+    tokens_meanwhile = [
+        e for t, e in events if joined_at < t < first_late and isinstance(e, TextDelta)
+    ]
+    # ~700 prompt tokens in chunks of 32: the running stream got tokens in between.
+    assert len(tokens_meanwhile) >= 5
+    assert events[-1][1].type == "stream.completed"
