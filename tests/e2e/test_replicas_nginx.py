@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,12 +22,12 @@ import pytest
 import websockets
 
 from ..conftest import RunningServer, tokenwire_server
+from ..sse_reader import TERMINAL, parse_frames, payload_of, read_segment, text_of
 from .services import Nginx, RedisServer, nginx, redis_server
 
 pytestmark = [pytest.mark.e2e]
 
 GRACE = 3.0
-TERMINAL = ("stream.completed", "stream.cancelled", "stream.failed")
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to sing."}]
 COUNT = [{"role": "user", "content": "Count from 1 to 5000, separated by commas."}]
 #: With these the embedded model counts on for well over 1000 tokens (greedy stops at 20).
@@ -60,101 +60,6 @@ def cluster() -> Iterator[Cluster]:
         nginx([a.port, b.port]) as proxy,
     ):
         yield Cluster(redis, a, b, proxy)
-
-
-# -- a small SSE reader that can be cut at any byte ----------------------------------------
-
-
-@dataclass
-class Frame:
-    id: int | None
-    event: str | None
-    data: str
-
-
-def parse_frames(buffer: bytes) -> tuple[list[Frame], bytes]:
-    """Complete SSE messages in ``buffer`` and the incomplete tail (dropped on a cut)."""
-    frames = []
-    *blocks, tail = buffer.split(b"\n\n")
-    for block in blocks:
-        fid: int | None = None
-        name: str | None = None
-        data: list[str] = []
-        for line in block.decode().split("\n"):
-            if line.startswith("id: "):
-                fid = int(line[4:])
-            elif line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-        if data:
-            frames.append(Frame(fid, name, "\n".join(data)))
-    return frames, tail
-
-
-@dataclass
-class Segment:
-    frames: list[Frame] = field(default_factory=list)
-    stream_id: str | None = None
-    finished: bool = False
-    first_text_at: float | None = None
-    finished_at: float | None = None
-
-
-def read_segment(
-    client: httpx.Client,
-    method: str,
-    url: str,
-    *,
-    body: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-    cut_after: int | None = None,
-) -> Segment:
-    """One connection: read until the stream ends or ``cut_after`` body bytes, then drop."""
-    segment = Segment()
-    buffer = b""
-    received = 0
-    with client.stream(method, url, json=body, headers=headers or {}) as response:
-        assert response.status_code == 200, response.read()
-        segment.stream_id = response.headers["x-stream-id"]
-        for chunk in response.iter_raw():
-            if cut_after is not None and received + len(chunk) > cut_after:
-                chunk = chunk[: cut_after - received]
-            received += len(chunk)
-            frames, buffer = parse_frames(buffer + chunk)
-            for frame in frames:
-                segment.frames.append(frame)
-                if segment.first_text_at is None and _text(frame):
-                    segment.first_text_at = time.monotonic()
-                if _is_terminal(frame):
-                    segment.finished = True
-                    segment.finished_at = time.monotonic()
-            if segment.finished or (cut_after is not None and received >= cut_after):
-                break  # leaving the block closes the connection mid-stream
-    return segment
-
-
-def _payload(frame: Frame) -> Any:
-    return None if frame.data == "[DONE]" else json.loads(frame.data)
-
-
-def _text(frame: Frame) -> str:
-    payload = _payload(frame)
-    if not isinstance(payload, dict):
-        return ""
-    if payload.get("type") == "text.delta":
-        return str(payload["text"])
-    choices = payload.get("choices") or []
-    if choices:
-        return str(choices[0]["delta"].get("content") or "")
-    return ""
-
-
-def _is_terminal(frame: Frame) -> bool:
-    if frame.data == "[DONE]":
-        return True
-    payload = _payload(frame)
-    return isinstance(payload, dict) and payload.get("type") in TERMINAL
 
 
 def request_body(protocol: str, seed: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
@@ -194,7 +99,7 @@ def test_drop_and_resume_anywhere_is_byte_identical(cluster: Cluster) -> None:
             path, body = request_body(protocol, seed, max_tokens=240)
             reference = read_segment(client, "POST", path, body=body)
             assert reference.finished
-            ref_text = "".join(_text(f) for f in reference.frames)
+            ref_text = "".join(text_of(f) for f in reference.frames)
             assert len(ref_text) > 200
             # Delivered as it is made: nginx's buffering is off for this response.
             assert reference.first_text_at is not None and reference.finished_at is not None
@@ -223,7 +128,7 @@ def test_drop_and_resume_anywhere_is_byte_identical(cluster: Cluster) -> None:
                 assert segments[-1].stream_id == stream_id
                 cycles += 1
             frames = [f for s in segments for f in s.frames]
-            text = "".join(_text(f) for f in frames)
+            text = "".join(text_of(f) for f in frames)
             assert text == ref_text, (protocol, seed)
             # No lost and no duplicated event: the same messages with the same ids as the
             # uninterrupted run (OpenAI renders no progress/usage events, and its terminal
@@ -235,7 +140,7 @@ def test_drop_and_resume_anywhere_is_byte_identical(cluster: Cluster) -> None:
             ref_ids = [f.id for f in reference.frames]
             assert ids == ref_ids
             if protocol == "openai":
-                chunk_ids = {p["id"] for f in frames if isinstance(p := _payload(f), dict)}
+                chunk_ids = {p["id"] for f in frames if isinstance(p := payload_of(f), dict)}
                 assert chunk_ids == {f"chatcmpl-{stream_id}"}
                 assert frames[-1].data == "[DONE]"
     assert cycles >= 100, cycles
@@ -261,7 +166,7 @@ def test_stop_through_the_other_replica_stops_decoding(cluster: Cluster) -> None
         for chunk in response.iter_raw():
             frames, buffer = parse_frames(buffer + chunk)
             for frame in frames:
-                payload = _payload(frame)
+                payload = payload_of(frame)
                 if payload["type"] == "text.delta":
                     if cancelled_at is None:
                         deltas_before += 1
@@ -302,7 +207,7 @@ def test_stop_of_a_resumed_stream_through_nginx(cluster: Cluster) -> None:
             for chunk in response.iter_raw():
                 frames, buffer = parse_frames(buffer + chunk)
                 for frame in frames:
-                    payload = _payload(frame)
+                    payload = payload_of(frame)
                     seqs.append(payload["seq"])
                     if payload["type"] in TERMINAL:
                         terminal = payload
@@ -336,7 +241,7 @@ def test_generation_outlives_the_producer_grace_while_another_replica_reads(
             payloads = []
             for chunk in chunks:
                 frames, buffer = parse_frames(buffer + chunk)
-                payloads += [_payload(f) for f in frames]
+                payloads += [payload_of(f) for f in frames]
                 if payloads and payloads[-1]["type"] in TERMINAL:
                     break
     assert payloads[-1]["type"] == "stream.completed", payloads[-1]
@@ -364,7 +269,7 @@ def test_abandoned_stream_is_cancelled_after_the_grace(cluster: Cluster) -> None
     with httpx.Client(base_url=cluster.nginx.url, timeout=60) as client:
         rest = read_segment(client, "GET", f"/v1/streams/{stream_id}?after={last}")
     assert rest.finished
-    terminal = _payload(rest.frames[-1])
+    terminal = payload_of(rest.frames[-1])
     assert terminal["type"] == "stream.cancelled" and terminal["reason"] == "disconnect"
     # It stopped long before max_tokens: the grace, not the length, ended it.
     assert terminal["seq"] < 2000
@@ -432,7 +337,7 @@ def test_killing_the_producer_ends_readers_with_a_failure(cluster: Cluster) -> N
             killed_at: float | None = None
             for chunk in response.iter_raw():
                 frames, buffer = parse_frames(buffer + chunk)
-                payloads += [_payload(f) for f in frames]
+                payloads += [payload_of(f) for f in frames]
                 if killed_at is None and len(payloads) >= 3:
                     kill_soon()
                     killed_at = time.monotonic()
@@ -451,4 +356,4 @@ def test_killing_the_producer_ends_readers_with_a_failure(cluster: Cluster) -> N
     with httpx.Client(base_url=cluster.nginx.url, timeout=30) as client:
         for _ in range(2):
             again = read_segment(client, "GET", f"/v1/streams/{stream_id}?after={last}")
-            assert [_payload(f) for f in again.frames] == payloads
+            assert [payload_of(f) for f in again.frames] == payloads

@@ -40,7 +40,7 @@ class _Log:
         self._changed = None
 
     def changed(self) -> asyncio.Future[None]:
-        if self._changed is None:
+        if self._changed is None or self._changed.done():
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
 
@@ -108,7 +108,9 @@ class MemoryJournal(Journal):
                     return
             if log.finished_at is not None:
                 return  # resumed after the terminal event: nothing more will come
-            await log.changed()
+            # Shielded: readers share the future, and a reader that is cancelled (its client
+            # left) would otherwise cancel it for every other reader of the stream.
+            await asyncio.shield(log.changed())
 
     async def meta(self, stream_id: str) -> StreamMeta:
         return self._log(stream_id).meta
