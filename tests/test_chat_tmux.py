@@ -114,6 +114,8 @@ def test_streams_progressively_and_survives_ctrl_c(chat: Tmux) -> None:
     # Slash commands work, and the chat takes another prompt and streams its answer.
     chat.send("/system You are terse.", "Enter")
     chat.wait_for(lambda s: "system prompt set" in s, timeout=10)
+    chat.send("/model", "Enter")
+    chat.wait_for(lambda s: "available: default" in s, timeout=10)
     chat.send("/clear", "Enter")
     chat.wait_for(lambda s: "conversation cleared" in s, timeout=10)
     second = "Now tell me about the moon."

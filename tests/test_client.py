@@ -306,6 +306,7 @@ def test_anthropic_protocol_against_tokenwire(server: RunningServer, reference_t
 
 def test_request_errors_are_typed(server: RunningServer) -> None:
     with Client(server.url) as client:
+        assert "default" in client.models()
         with pytest.raises(ModelNotFound), client.chat.stream(model="no-such", messages=PROMPT):
             pass
         with pytest.raises(InvalidRequest) as info:

@@ -265,9 +265,8 @@ def _command(session: Session, line: str) -> bool:
             console.print(f"[dim]model: {arg}[/]")
         else:
             console.print(f"[dim]model: {session.model}[/]")
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                data = session.client._http.get(f"{session.client.base_url}/v1/models").json()
-                names = ", ".join(str(m["id"]) for m in data["data"])
+            with contextlib.suppress(TokenwireError):
+                names = ", ".join(session.client.models())
                 console.print(f"[dim]available: {names}[/]", highlight=False)
     elif name == "/system":
         if arg == "-":

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from tokenwire.client._errors import error_from_response
 from tokenwire.client._protocols import (
     ProtocolName,
     auth_headers,
@@ -35,6 +36,7 @@ from tokenwire.client._stream import (
     _StreamCore,
     _transport_error,
 )
+from tokenwire.errors import BackendProtocolError
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncClient", "Client"]
 
@@ -103,6 +105,15 @@ class _ClientBase:
         return core
 
 
+def _model_names(response: httpx.Response) -> list[str]:
+    if response.status_code != 200:
+        raise error_from_response(response.status_code, response.content, response.headers)
+    try:
+        return [str(model["id"]) for model in response.json()["data"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendProtocolError(f"unexpected /v1/models answer: {response.text[:200]}") from exc
+
+
 def _timeout(timeout: float) -> httpx.Timeout:
     # The read timeout is the idle limit between bytes; heartbeats keep a live stream under it.
     return httpx.Timeout(timeout, connect=min(timeout, 10.0))
@@ -135,6 +146,15 @@ class Client(_ClientBase):
         self._http = http_client or httpx.Client(timeout=_timeout(timeout))
         self.chat = Chat(self)
         self.streams = Streams(self)
+
+    def models(self) -> list[str]:
+        """The model names the server lists (``GET /v1/models``)."""
+        url = f"{self.base_url}/v1/models"
+        try:
+            response = self._http.get(url, headers=self._headers(self.protocol))
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, url) from exc
+        return _model_names(response)
 
     def close(self) -> None:
         if self._owns_http:
@@ -238,6 +258,15 @@ class AsyncClient(_ClientBase):
         )
         self.chat = AsyncChat(self)
         self.streams = AsyncStreams(self)
+
+    async def models(self) -> list[str]:
+        """The model names the server lists (``GET /v1/models``)."""
+        url = f"{self.base_url}/v1/models"
+        try:
+            response = await self._http.get(url, headers=self._headers(self.protocol))
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, url) from exc
+        return _model_names(response)
 
     async def aclose(self) -> None:
         if self._owns_http:
