@@ -81,9 +81,18 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+@dataclass
+class RunningLlama:
+    url: str  # the /v1 base
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
 @contextmanager
-def llama_server() -> Iterator[str]:
-    """llama-cpp-python's own OpenAI-compatible server on the embedded GGUF; yields /v1."""
+def llama_server() -> Iterator[RunningLlama]:
+    """llama-cpp-python's own OpenAI-compatible server on the embedded GGUF."""
     from tokenwire.backends.llamacpp import default_model_path
 
     port = free_port()
@@ -111,7 +120,7 @@ def llama_server() -> Iterator[str]:
         )
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}/v1/models", process, timeout=90)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield RunningLlama(f"http://127.0.0.1:{port}/v1", log)
     finally:
         process.terminate()
         try:

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import RunningServer, free_port
 from tests.fault_upstream import RunningFault, fault_upstream
 from tests.gateway_support import (
+    RunningLlama,
     gateway,
     iter_sse,
     llama_server,
@@ -74,18 +75,21 @@ def fault() -> Iterator[RunningFault]:
 
 
 @pytest.fixture(scope="module")
-def llama() -> Iterator[str]:
-    with llama_server() as url:
-        yield url
+def llama() -> Iterator[RunningLlama]:
+    with llama_server() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def gw(
-    server: RunningServer, llama: str, fault: RunningFault, tmp_path_factory: pytest.TempPathFactory
+    server: RunningServer,
+    llama: RunningLlama,
+    fault: RunningFault,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningServer]:
     config = tmp_path_factory.mktemp("gw") / "gateway.toml"
     config.write_text(
-        CONFIG.format(tw=server.url, llama=llama, fault=fault.url, closed=free_port())
+        CONFIG.format(tw=server.url, llama=llama.url, fault=fault.url, closed=free_port())
     )
     with gateway(config) as running:
         yield running
@@ -476,3 +480,24 @@ def test_stop_through_gateway_stops_the_upstream_tokenwire(
     # The upstream tokenwire saw its request closed and cancelled its own stream.
     assert wait_for(lambda: httpx.get(f"{server.url}/healthz").json()["active_streams"] == 0, 2)
     assert len([e for e in events if e["type"] == "text.delta"]) < 100
+
+
+def test_stop_through_gateway_stops_llama_cpp_server(
+    gw: RunningServer, llama: RunningLlama
+) -> None:
+    said_before = llama.log().count("Disconnected from client")
+    with httpx.stream(
+        "POST",
+        f"{gw.url}/v1/streams",
+        json=chat("llama", "Tell a very long story about the sea.", max_tokens=1500),
+        timeout=60,
+    ) as response:
+        stream_id = response.headers["x-stream-id"]
+        events = []
+        for sse in iter_sse(response):
+            events.append(sse.json())
+            if len([e for e in events if e["type"] == "text.delta"]) == 3:
+                httpx.post(f"{gw.url}/v1/streams/{stream_id}/cancel").raise_for_status()
+    assert events[-1]["type"] == "stream.cancelled"
+    # llama.cpp's server (sse-starlette) notes the closed request and stops its generator.
+    assert wait_for(lambda: llama.log().count("Disconnected from client") > said_before, 3)
