@@ -4,8 +4,9 @@ Bytes go in as they arrive, in chunks of any size; complete events come out. Wha
 split of the byte stream (one byte at a time, or all at once), the same events come out with
 the same ``id`` and the decoder ends with the same ``retry`` and ``last_event_id``: lines end
 with CRLF, LF or CR, and a CR at the very end of a chunk waits for the next one before it
-decides whether an LF belongs to it. Lines are split on bytes first (CR and LF never occur
-inside a UTF-8 sequence), so a multibyte character cut between chunks decodes intact.
+decides whether an LF belongs to it. Only the bytes up to the last line ending are decoded
+(CR and LF never occur inside a UTF-8 sequence), so a multibyte character cut between chunks
+decodes intact.
 
 Rules kept from the spec: a leading BOM is dropped; ``:`` starts a comment; a field without a
 colon has an empty value; one space after the colon is removed; ``data`` lines join with LF;
@@ -16,11 +17,13 @@ at the end of the stream is discarded (call nothing at EOF).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = ["SSEDecoder", "ServerSentEvent"]
 
 _BOM = b"\xef\xbb\xbf"
+_LINE_ENDING = re.compile("\r\n|\r|\n")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class ServerSentEvent:
 class SSEDecoder:
     def __init__(self) -> None:
         self._buffer = b""
+        self._pending: list[bytes] = []
         self._start = True  # still at the first bytes: a BOM may come
         self._after_cr = False  # the previous chunk ended with CR: skip one LF
         self._data: list[str] = []
@@ -55,6 +59,13 @@ class SSEDecoder:
             self._after_cr = False
             if chunk.startswith(b"\n"):
                 chunk = chunk[1:]
+        if not self._start and b"\n" not in chunk and b"\r" not in chunk:
+            # Part of a long line: keep the pieces, join once (no quadratic re-copying).
+            self._pending.append(chunk)
+            return []
+        if self._pending:
+            self._buffer += b"".join(self._pending)
+            self._pending.clear()
         buffer = self._buffer + chunk
         if self._start:
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
@@ -63,28 +74,26 @@ class SSEDecoder:
             self._start = False
             if buffer.startswith(_BOM):
                 buffer = buffer[len(_BOM) :]
+        # Everything up to the last line ending is complete; the rest waits for more bytes.
+        last_lf = buffer.rfind(b"\n")
+        last_cr = buffer.rfind(b"\r")
+        end = max(last_lf, last_cr)
+        if end == -1:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 1 :]
+        if end == last_cr and end == len(buffer) - 1:
+            # CR last in the chunk: an LF at the start of the next one is its pair.
+            self._after_cr = True
+        if end == last_lf and end > 0 and buffer[end - 1] == 0x0D:
+            end -= 1  # the CR of a final CRLF is part of the same line ending
+        text = buffer[:end].decode("utf-8", "replace")
+        lines = _LINE_ENDING.split(text) if "\r" in text else text.split("\n")
         events: list[ServerSentEvent] = []
-        pos = 0
-        end = len(buffer)
-        while pos < end:
-            cr = buffer.find(b"\r", pos)
-            lf = buffer.find(b"\n", pos)
-            if cr == -1 and lf == -1:
-                break
-            if cr == -1 or (lf != -1 and lf < cr):
-                line, pos = buffer[pos:lf], lf + 1
-            else:
-                line = buffer[pos:cr]
-                if cr + 1 < end:
-                    pos = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
-                else:
-                    # CR last in the chunk: an LF at the start of the next one is its pair.
-                    pos = end
-                    self._after_cr = True
-            event = self._line(line.decode("utf-8", "replace"))
+        for line in lines:
+            event = self._line(line)
             if event is not None:
                 events.append(event)
-        self._buffer = buffer[pos:]
         return events
 
     def _line(self, line: str) -> ServerSentEvent | None:

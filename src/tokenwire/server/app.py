@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -381,6 +382,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await router.start()
         await manager.start_background()
+        # Everything loaded so far (model, modules) lives as long as the process: keep it out
+        # of the collector's full passes, which otherwise stall the loop for 100s of ms
+        # once thousands of streams are open (benchmarks/idle_capacity.py).
+        gc.collect()
+        gc.freeze()
         server.drain.bind()
         draining = asyncio.create_task(server.drain.watch(manager), name="tokenwire-drain")
         try:
