@@ -1,0 +1,470 @@
+"""Capacity: many idle SSE streams with heartbeats, and many active relayed streams.
+
+Two measurements against one real ``tokenwire`` server process (``create_app`` under
+uvicorn with uvloop and httptools, the production stack), each with its own client process
+holding the connections on raw asyncio sockets (one ``asyncio.Protocol`` per connection,
+no task per connection):
+
+- **idle**: N streams whose backend never emits (``SilentBackend``), heartbeats every
+  ``--heartbeat`` s. Reported: server RSS per stream (RSS with N open minus RSS before, / N),
+  heartbeat lag (gap between two pings on one stream minus the heartbeat interval) p50/p99/max,
+  and the server's event-loop stall (a 10 ms sleeper's overshoot) p99/max.
+  Targets: 10,000 streams, <= 20 KB RSS each, heartbeat lag p99 <= 250 ms.
+- **active**: M streams whose backend emits a token every ``1/--rate`` s each (the relay
+  path: backend -> journal -> renderer -> SSE; the embedded model is not involved, so the
+  numbers are the server's own). Reported: delivered events/s and the loop stall p99/max.
+  Target: 1,000 streams, no stall over 50 ms.
+
+The server process is this file with ``--serve`` (it raises its own file-descriptor limit);
+``/bench/stats`` reports its RSS, task count and loop stalls.
+
+    python benchmarks/idle_capacity.py [--quick] [--streams N] [--active M] [--hold S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kb(pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+# -- server side -----------------------------------------------------------------------------
+
+
+class LoopMonitor:
+    """Overshoot of a 10 ms sleep: how long the event loop was unable to run a ready task."""
+
+    def __init__(self) -> None:
+        self.stalls: list[float] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        while True:
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.stalls.append(time.perf_counter() - started - 0.01)
+
+    def snapshot(self) -> dict[str, float]:
+        stalls = self.stalls or [0.0]
+        return {
+            "samples": len(stalls),
+            "stall_p50_ms": percentile(stalls, 50) * 1000,
+            "stall_p99_ms": percentile(stalls, 99) * 1000,
+            "stall_max_ms": (max(stalls) if stalls else float("nan")) * 1000,
+        }
+
+
+def make_backend(mode: str, rate: float) -> Any:
+    from tokenwire.backends.base import Backend, ModelInfo
+    from tokenwire.cancel import CancelToken
+    from tokenwire.events import Event, Progress, TextDelta
+    from tokenwire.requests import ChatRequest
+
+    class SilentBackend(Backend):
+        """Accepts, then never emits: the stream stays open on heartbeats alone."""
+
+        name = "silent"
+
+        def models(self) -> list[ModelInfo]:
+            return [ModelInfo("silent")]
+
+        async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+            yield Progress(stage="waiting")
+            await cancel.wait()
+
+    class TickingBackend(Backend):
+        """A token every 1/rate seconds until cancelled (the relay path, no model)."""
+
+        name = "ticking"
+
+        def models(self) -> list[ModelInfo]:
+            return [ModelInfo("ticking")]
+
+        async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+            yield Progress(stage="prefill")
+            gap = 1.0 / rate
+            while not cancel.is_cancelled():
+                await asyncio.sleep(gap)
+                yield TextDelta(text=" tok")
+
+    return SilentBackend() if mode == "idle" else TickingBackend()
+
+
+def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
+    import uvicorn
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    from tokenwire.config import Settings
+    from tokenwire.server.app import create_app
+
+    raise_fd_limit()
+    if os.environ.get("CAPACITY_GC_LOG"):
+        gc_started = [0.0]
+
+        def gc_log(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_started[0] = time.perf_counter()
+            elif (took := time.perf_counter() - gc_started[0]) > 0.02:
+                print(f"gc gen{info['generation']} {took * 1000:.0f} ms", file=sys.stderr)
+
+        gc.callbacks.append(gc_log)
+    settings = Settings(
+        port=port,
+        heartbeat=heartbeat,
+        disconnect_grace=0,
+        max_finished_streams=100,
+        stream_ttl=5,
+        log_level="warning",
+    )
+    app = create_app(settings, backend=make_backend(mode, rate))
+    monitor = LoopMonitor()
+
+    async def stats(request: Request) -> JSONResponse:
+        if request.query_params.get("collect"):
+            gc.collect()
+        if request.query_params.get("reset"):
+            monitor.stalls = []
+            if monitor.task is None:
+                monitor.task = asyncio.ensure_future(monitor.run())
+        return JSONResponse(
+            {
+                "rss_kb": rss_kb(),
+                "tasks": len(asyncio.all_tasks()),
+                "active": app.state.server.manager.active_streams,
+                **monitor.snapshot(),
+            }
+        )
+
+    app.add_route("/bench/stats", stats, methods=["GET"])
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        backlog=8192,
+        log_level="warning",
+        timeout_keep_alive=60,
+    )
+
+
+# -- client side -----------------------------------------------------------------------------
+
+
+class StreamClient(asyncio.Protocol):
+    """One SSE connection: counts pings (with their gaps) and data events."""
+
+    def __init__(self, owner: Holder, request: bytes) -> None:
+        self.owner = owner
+        self.request = request
+        self.transport: asyncio.Transport | None = None
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.last_ping: float | None = None
+        self.head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if not self.ready.done():
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            self.ready.set_result(self.head.startswith(b"HTTP/1.1 200"))
+            data = self.head
+            self.head = b""
+        owner = self.owner
+        owner.bytes += len(data)
+        pings = data.count(b": ping")
+        if pings:
+            if self.last_ping is not None and owner.measuring:
+                owner.lags.append(now - self.last_ping - owner.heartbeat)
+            self.last_ping = now
+            owner.pings += pings
+        owner.events += data.count(b"\nid: ") + data.startswith(b"id: ")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.lost += 1
+        if not self.ready.done():
+            self.ready.set_result(False)
+
+
+class Holder:
+    def __init__(self, port: int, heartbeat: float) -> None:
+        self.port = port
+        self.heartbeat = heartbeat
+        self.lags: list[float] = []
+        self.pings = 0
+        self.events = 0
+        self.bytes = 0
+        self.lost = 0
+        self.measuring = False
+        self.clients: list[StreamClient] = []
+        body = json.dumps(
+            {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+        ).encode()
+        self.request = (
+            b"POST /v1/streams HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    async def open(self, count: int, concurrency: int = 256) -> int:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Semaphore(concurrency)
+        failures = 0
+
+        async def one() -> None:
+            nonlocal failures
+            async with gate:
+                for attempt in range(5):
+                    try:
+                        _, client = await loop.create_connection(
+                            lambda: StreamClient(self, self.request), "127.0.0.1", self.port
+                        )
+                        ok = await asyncio.wait_for(client.ready, 60)
+                    except (OSError, TimeoutError):
+                        await asyncio.sleep(0.2 * (attempt + 1))
+                        continue
+                    if ok:
+                        self.clients.append(client)
+                        return
+                failures += 1
+
+        await asyncio.gather(*(one() for _ in range(count)))
+        return failures
+
+    def close(self) -> None:
+        for client in self.clients:
+            if client.transport is not None:
+                client.transport.close()
+
+
+async def client_run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    raise_fd_limit()
+    base = f"http://127.0.0.1:{args.port}"
+    async with httpx.AsyncClient(timeout=30) as http:
+
+        async def stats(reset: bool = False, collect: bool = False) -> dict[str, Any]:
+            params = {"reset": "1"} if reset else {}
+            if collect:
+                params["collect"] = "1"
+            response = await http.get(f"{base}/bench/stats", params=params)
+            data: dict[str, Any] = response.json()
+            return data
+
+        before = await stats(reset=True, collect=True)
+        holder = Holder(args.port, args.heartbeat)
+        started = time.perf_counter()
+        failures = await holder.open(args.count)
+        opened_s = time.perf_counter() - started
+        await asyncio.sleep(min(3.0, args.heartbeat * 2))
+        await stats(reset=True)  # loop stalls from here on: the steady state
+        holder.measuring = True
+        events_before, hold_started = holder.events, time.perf_counter()
+        await asyncio.sleep(args.hold)
+        holder.measuring = False
+        held_s = time.perf_counter() - hold_started
+        during = await stats()
+        open_streams = len(holder.clients) - holder.lost
+        result = {
+            "mode": args.mode,
+            "streams": args.count,
+            "open": open_streams,
+            "failed_to_open": failures,
+            "open_seconds": round(opened_s, 2),
+            "server_rss_before_mb": round(before["rss_kb"] / 1024, 1),
+            "server_rss_open_mb": round(during["rss_kb"] / 1024, 1),
+            "rss_per_stream_kb": round(
+                (during["rss_kb"] - before["rss_kb"]) / max(1, args.count), 2
+            ),
+            "server_tasks": during["tasks"],
+            "server_active_streams": during["active"],
+            "loop_stall_p99_ms": round(during["stall_p99_ms"], 2),
+            "loop_stall_max_ms": round(during["stall_max_ms"], 2),
+            "client_rss_mb": round(rss_kb() / 1024, 1),
+        }
+        if args.mode == "idle":
+            lags = holder.lags
+            result |= {
+                "heartbeat_s": args.heartbeat,
+                "pings_measured": len(lags),
+                "heartbeat_lag_p50_ms": round(percentile(lags, 50) * 1000, 2),
+                "heartbeat_lag_p99_ms": round(percentile(lags, 99) * 1000, 2),
+                "heartbeat_lag_max_ms": round(max(lags) * 1000, 2) if lags else None,
+            }
+        else:
+            result |= {
+                "rate_per_stream": args.rate,
+                "events_per_second": round((holder.events - events_before) / held_s, 1),
+                "expected_events_per_second": args.rate * args.count,
+            }
+        holder.close()
+        await asyncio.sleep(0.5)
+        return result
+
+
+def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) -> dict[str, Any]:
+    port = free_port()
+    here = Path(__file__).resolve()
+    common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
+    server = subprocess.Popen(
+        [sys.executable, str(here), "--serve", "--port", str(port), *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("capacity server did not start")
+            time.sleep(0.2)
+        client = subprocess.run(
+            [
+                sys.executable,
+                str(here),
+                "--client",
+                "--port",
+                str(port),
+                "--count",
+                str(count),
+                "--hold",
+                str(hold),
+                *common,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=hold + 600,
+        )
+        if client.returncode != 0:
+            raise RuntimeError(f"client failed: {client.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(client.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def markdown(results: dict[str, Any]) -> str:
+    idle, active = results["idle"], results["active"]
+    lines = [
+        "# Capacity: idle SSE streams and active relayed streams",
+        "",
+        f"Machine: {os.cpu_count()} cores; server: uvicorn + uvloop + httptools, one process.",
+        "",
+        "| measure | result | target |",
+        "|---|---|---|",
+        f"| idle streams held open | {idle['open']} / {idle['streams']} | 10,000 |",
+        f"| server RSS per idle stream | {idle['rss_per_stream_kb']} KB | <= 20 KB |",
+        f"| heartbeat lag p50 / p99 / max | {idle['heartbeat_lag_p50_ms']} / "
+        f"{idle['heartbeat_lag_p99_ms']} / {idle['heartbeat_lag_max_ms']} ms "
+        f"(heartbeat {idle['heartbeat_s']} s) | p99 <= 250 ms |",
+        f"| loop stall with idle streams p99 / max | {idle['loop_stall_p99_ms']} / "
+        f"{idle['loop_stall_max_ms']} ms | |",
+        f"| active streams | {active['open']} / {active['streams']} "
+        f"at {active['rate_per_stream']} tokens/s each | 1,000 |",
+        f"| events delivered / s | {active['events_per_second']} "
+        f"(offered {active['expected_events_per_second']}) | |",
+        f"| loop stall with active streams p99 / max | {active['loop_stall_p99_ms']} / "
+        f"{active['loop_stall_max_ms']} ms | max <= 50 ms |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2,000 idle / 200 active, short")
+    parser.add_argument("--streams", type=int, default=10_000, help="idle streams")
+    parser.add_argument("--active", type=int, default=1_000, help="active streams")
+    parser.add_argument("--rate", type=float, default=5.0, help="tokens/s per active stream")
+    parser.add_argument("--hold", type=float, default=20.0, help="seconds to measure")
+    parser.add_argument("--heartbeat", type=float, default=1.0)
+    # internal roles
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="idle", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        serve(args.port, args.mode, args.heartbeat, args.rate)
+        return {}
+    if args.client:
+        import uvloop
+
+        print(json.dumps(uvloop.run(client_run(args))), flush=True)
+        return {}
+    if args.quick:
+        args.streams, args.active, args.hold = min(args.streams, 2000), min(args.active, 200), 8
+    results = {
+        "idle": run_side("idle", args.streams, args.hold, args.heartbeat, args.rate),
+        "active": run_side("active", args.active, args.hold, args.heartbeat, args.rate),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "idle_capacity_quick" if args.quick else "idle_capacity"
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
