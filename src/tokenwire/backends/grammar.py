@@ -3,7 +3,9 @@
 ``gbnf_for(request)`` turns a request into a GBNF grammar for llama.cpp:
 
 - ``response_format`` ``json_schema``: the schema, through llama-cpp-python's
-  ``json_schema_to_gbnf`` (so the output always parses and validates, within max_tokens);
+  ``json_schema_to_gbnf`` (so the output always parses and validates, within max_tokens;
+  integer ``minimum``/``maximum`` are enforced for ranges up to 512 values, wider numeric
+  bounds and ``format``s are left to the validating stage);
 - ``json_object``: any JSON object;
 - ``tools`` (unless ``tool_choice`` is ``"none"``): one call as
   ``{"name": "<tool>", "arguments": {…schema of that tool…}}``. With ``tool_choice``
@@ -51,6 +53,8 @@ _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # json_schema_to_gbnf lets raw control characters into strings, which is not JSON.
 _CHAR_RULE = re.compile(r"^char ::= \[\^\"\\\\\]", re.MULTILINE)
 _STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'
+#: Integer ranges up to this size are constrained exactly (as an enum of their values).
+_MAX_ENUM_RANGE = 512
 #: Free text for tool_choice "auto": anything whose first character is not "{".
 _TEXT_RULES = "text ::= [^{] text-rest\ntext-rest ::= [^\\x00]*\n"
 
@@ -93,11 +97,36 @@ def _schema_gbnf(schema_json: str, prop_order: tuple[str, ...]) -> str:
     return _CHAR_RULE.sub(lambda _: _STRICT_CHAR, gbnf)
 
 
+def _bounded_integers(node: Any) -> Any:
+    """Small integer ranges as enums: the converter ignores minimum/maximum."""
+    if isinstance(node, list):
+        return [_bounded_integers(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _bounded_integers(value) for key, value in node.items()}
+    low, high = out.get("minimum"), out.get("maximum")
+    if isinstance(out.get("exclusiveMinimum"), int) and not isinstance(low, int):
+        low = out["exclusiveMinimum"] + 1
+    if isinstance(out.get("exclusiveMaximum"), int) and not isinstance(high, int):
+        high = out["exclusiveMaximum"] - 1
+    if (
+        out.get("type") == "integer"
+        and isinstance(low, int)
+        and isinstance(high, int)
+        and 0 <= high - low <= _MAX_ENUM_RANGE
+        and "enum" not in out
+    ):
+        for key in ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            out.pop(key, None)
+        out["enum"] = list(range(low, high + 1))
+    return out
+
+
 def json_schema_gbnf(
     schema: dict[str, Any], *, param: str, prop_order: tuple[str, ...] = ()
 ) -> str:
     try:
-        return _schema_gbnf(json.dumps(schema), prop_order)
+        return _schema_gbnf(json.dumps(_bounded_integers(schema)), prop_order)
     except Exception as exc:  # the converter raises plain errors on schemas it cannot do
         raise InvalidRequest(
             f"The embedded model cannot constrain output to this JSON schema: {exc}",
