@@ -371,3 +371,70 @@ def test_server_side_tool_loop_end_to_end(tool_server: RunningServer) -> None:
     assert events[-1]["finish_reason"] in ("stop", "length")
     usage = [e for e in events if e["type"] == "usage"]
     assert len(usage) == 1 and usage[0]["completion_tokens"] > len(texts)  # both steps
+
+
+# -- the embedded backend's grammar helpers (no model needed) --------------------------------
+
+
+async def collect(events: list[Event], request: ChatRequest) -> list[Event]:
+    from tokenwire.backends.grammar import tool_call_events
+
+    async def source() -> AsyncIterator[Event]:
+        for event in events:
+            yield event
+
+    return [event async for event in tool_call_events(source(), request)]
+
+
+@pytest.mark.anyio
+async def test_constrained_call_text_becomes_tool_call_events() -> None:
+    pieces = [" ", '{"name": "get_', 'weather", "argu', 'ments": {"ci', 'ty": "Rome"}', "}"]
+    out = await collect(text_events(*pieces), chat(tools=[WEATHER], tool_choice="required"))
+    assert [e.type for e in out if e.type != "usage"] == [
+        "tool_call.started",
+        "tool_call.delta",
+        "tool_call.delta",
+        "stream.completed",
+    ]
+    started = out[0]
+    assert isinstance(started, ToolCallStarted) and started.name == "get_weather"
+    arguments = "".join(e.arguments_delta for e in out if isinstance(e, ToolCallDelta))
+    assert json.loads(arguments) == {"city": "Rome"}
+    assert isinstance(out[-1], StreamCompleted) and out[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.anyio
+async def test_auto_mode_text_answer_passes_through() -> None:
+    out = await collect(text_events(" ", "Hello", " {there}"), chat(tools=[WEATHER]))
+    assert [e.text for e in out if isinstance(e, TextDelta)] == [" Hello", " {there}"]
+    assert isinstance(out[-1], StreamCompleted) and out[-1].finish_reason == "stop"
+
+
+def test_grammar_and_prompt_for_tools() -> None:
+    from tokenwire.backends.grammar import gbnf_for, prompt_messages
+    from tokenwire.errors import InvalidRequest
+    from tokenwire.requests import Message, ToolCall
+
+    auto = gbnf_for(chat(tools=[WEATHER]))
+    assert auto is not None and auto.startswith("root ::= call | text")
+    forced = gbnf_for(chat(tools=[WEATHER], tool_choice="required"))
+    assert forced is not None and "text ::=" not in forced and '"\\"get_weather\\""' in forced
+    assert gbnf_for(chat(tools=[WEATHER], tool_choice="none")) is None
+    with pytest.raises(InvalidRequest):
+        gbnf_for(chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "x"}}))
+    request = chat("Rome?", tools=[WEATHER])
+    request.messages += [
+        Message(
+            role="assistant",
+            content="",
+            tool_calls=[ToolCall(id="c1", name="get_weather", arguments='{"city": "Rome"}')],
+        ),
+        Message(role="tool", content="sunny", tool_call_id="c1"),
+    ]
+    messages = prompt_messages(request)
+    assert messages[0]["role"] == "system" and "get_weather" in messages[0]["content"]
+    assert json.loads(messages[2]["content"]) == {
+        "name": "get_weather",
+        "arguments": {"city": "Rome"},
+    }
+    assert messages[3] == {"role": "tool", "content": "sunny"}
