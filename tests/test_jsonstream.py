@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -260,3 +261,18 @@ def test_listener_sees_nested_structure() -> None:
 def test_format_path() -> None:
     assert format_path([]) == "$"
     assert format_path(["a", 0, "b c", "it's"]) == "$.a[0]['b c']['it\\'s']"
+
+
+def test_version_changes_only_when_the_value_does() -> None:
+    parser = PartialJsonParser()
+    versions = []
+    for piece in ['{"a"', ": ", "12", "3", ", ", '"b": "x', "y", '"', "}", " "]:
+        parser.feed(piece)
+        versions.append(parser.version)
+    changed = [b != a for a, b in itertools.pairwise(versions)]
+    # '{"a"' opened the object; ': ', '12', '3', ', ' leave the value as it was (the number
+    # completes at ','); '"b": "x' and 'y' grow it; '"' completes 'xy' (same value).
+    assert parser.value == {"a": 123, "b": "xy"}
+    assert changed[:3] == [False, False, False]
+    assert changed[3] is True  # ', ' completed 123
+    assert changed[4:] == [True, True, False, False, False]  # closing changes nothing

@@ -213,8 +213,6 @@ class PartialJsonParser:
 
     def feed(self, text: str) -> None:
         """Consume ``text``; raise ``JsonStreamError`` at the first invalid character."""
-        if self._version == self._snap_version:
-            self._version += 1  # conservatively: this delta may change the value
         i = 0
         n = len(text)
         containers = self._containers
@@ -342,9 +340,10 @@ class PartialJsonParser:
             return i + 1
         self._fail(f"expected a JSON value, got {c!r}", i)
 
-    def _complete_scalar(self, value: Any) -> None:
+    def _complete_scalar(self, value: Any, *, changed: bool = True) -> None:
         self._attach(value)
-        self._version += 1
+        if changed:
+            self._version += 1
         if self.listener is not None:
             self.listener.end(value)
         self._state = _AFTER if self._containers else _END
@@ -352,7 +351,7 @@ class PartialJsonParser:
     def _close_container(self) -> None:
         container = self._containers.pop()
         self._keys.pop()
-        self._version += 1
+        # Closing does not change the value: snapshots already showed the container.
         if self.listener is not None:
             self.listener.end(container)
         self._state = _AFTER if self._containers else _END
@@ -447,7 +446,7 @@ class PartialJsonParser:
             if self.listener is not None:
                 self.listener.key(text)
             return
-        self._complete_scalar(text)
+        self._complete_scalar(text, changed=False)  # the partial string was already shown
 
     # numbers
 
