@@ -438,3 +438,11 @@ def test_grammar_and_prompt_for_tools() -> None:
         "arguments": {"city": "Rome"},
     }
     assert messages[3] == {"role": "tool", "content": "sunny"}
+
+
+@pytest.mark.anyio
+async def test_json_response_format_requests_skip_the_tool_loop(registry: ToolRegistry) -> None:
+    backend = EventScript(steps=[text_events('{"a": 1}')])
+    events = await run_stream(backend, chat(json_object=True), loop_stages(backend, registry))
+    assert isinstance(events[-1], StreamCompleted)
+    assert backend.requests[0].tools == []  # no server tools offered

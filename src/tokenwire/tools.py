@@ -21,6 +21,8 @@ it answers without calling a server-side tool. Then the final answer streams as 
 - After ``max_steps`` tool rounds the model is asked once more with ``tool_choice`` ``none``;
   a model that still calls a tool then fails the stream (``max_tool_steps``).
 - Usage is summed over the steps and reported once, before the terminal event.
+- Requests asking for a JSON ``response_format`` (and no tools of their own) are left alone:
+  the embedded model's grammar can constrain to a schema or to tool calls, not both.
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ class ToolLoop:
         self, events: AsyncIterator[Event], request: ChatRequest, cancel: CancelToken
     ) -> AsyncIterator[Event]:
         if not len(self.tools) or request.tool_choice == "none":
+            return events
+        if request.response_format.type != "text" and not request.tools:
+            # A JSON answer was asked for: its grammar and validation come first.
             return events
         return self._run(events, request, cancel)
 
