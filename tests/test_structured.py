@@ -305,3 +305,38 @@ def test_json_object_mode_and_bad_schema_over_http(server: RunningServer) -> Non
     response = httpx.post(f"{server.url}/v1/chat/completions", json=bad, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.timeout(60)
+def test_violation_over_http_streaming_and_not() -> None:
+    from .scripted import serve_app_in_thread
+
+    pieces = ['{"name": "Al", ', '"color": 7', "}"]
+    backend = EventScript(steps=[text_events(*pieces)])
+    schema = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+    with serve_app_in_thread(backend, disconnect_grace=0) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", json={**body, "response_format": schema}, timeout=30
+        )
+        assert response.status_code == 502
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "output_validation_error",
+            "json_schema_violation",
+            "$.color",
+        )
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format=schema,  # type: ignore[arg-type]
+            stream=True,
+        )
+        text = ""
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+        assert "$.color" in str(caught.value)
+        assert text == '{"name": "Al", '  # the output before the violation streamed

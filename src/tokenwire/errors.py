@@ -202,4 +202,7 @@ def error_from_dict(error: dict[str, object]) -> TokenwireError:
     exc.error_type = kind
     code = error.get("code")
     exc.code = str(code) if code is not None else None
+    if isinstance(exc, OutputValidationError):
+        exc.path = str(error.get("path") or "$")
+        exc.param = exc.path  # OpenAI's error shape names the JSON path as the param
     return exc
