@@ -14,11 +14,13 @@ from PIL import Image
 from tokenwire.cli.bench import RequestResult
 
 from .conftest import RunningServer
+from .llama_peer import llama_cpp_server
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def bench(server: RunningServer, tmp_path: Path, *args: str) -> tuple[dict[str, Any], Path]:
+def bench(server: RunningServer | str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], Path]:
+    url = server if isinstance(server, str) else server.url
     output, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     result = subprocess.run(
         [
@@ -27,7 +29,7 @@ def bench(server: RunningServer, tmp_path: Path, *args: str) -> tuple[dict[str, 
             "tokenwire.cli.main",
             "bench",
             "--base-url",
-            server.url,
+            url,
             "--num-prompts",
             "3",
             "--max-tokens",
@@ -104,6 +106,17 @@ def test_poisson_rate_sweep(server: RunningServer, tmp_path: Path) -> None:
     for level in results["levels"]:
         check_level(level, 3)
         assert level["good_requests"] == 3  # a generous SLO: every request is good
+    check_png(plot)
+
+
+@pytest.mark.timeout(240)
+def test_any_openai_compatible_server(tmp_path: Path) -> None:
+    """A foreign server without usage chunks: tokens are counted as content chunks."""
+    with llama_cpp_server() as url:
+        results, plot = bench(url, tmp_path, "--concurrency", "1,2")
+    for level in results["levels"]:
+        check_level(level, 3)
+        assert level["total_input_tokens"] == 0  # no usage reported
     check_png(plot)
 
 

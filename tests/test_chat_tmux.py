@@ -20,6 +20,7 @@ import pytest
 from tokenwire.client import Client
 
 from .conftest import RunningServer
+from .llama_peer import llama_cpp_server
 
 PROMPT_MARK = "you ›"
 
@@ -183,5 +184,29 @@ def test_one_shot_with_the_embedded_model_in_process() -> None:
         text=True,
         timeout=170,
     )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+@pytest.mark.timeout(180)
+def test_one_shot_against_a_foreign_openai_server() -> None:
+    """Not tokenwire (no /healthz): the chat speaks OpenAI chat completions to it."""
+    with llama_cpp_server() as url:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tokenwire.cli.main",
+                "chat",
+                "--base-url",
+                url,
+                "--max-tokens",
+                "12",
+                "Name a colour.",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

@@ -13,8 +13,6 @@ import asyncio
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,6 @@ from dataclasses import dataclass, field
 import pytest
 
 import tokenwire
-from tokenwire.backends.llamacpp import default_model_path
 from tokenwire.client import AsyncClient, Client, RetryPolicy
 from tokenwire.errors import InvalidRequest, ModelNotFound, StreamInterrupted
 from tokenwire.events import (
@@ -36,7 +33,8 @@ from tokenwire.events import (
     Usage,
 )
 
-from .conftest import RunningServer, free_port, wait_until_healthy
+from .conftest import RunningServer
+from .llama_peer import llama_cpp_server
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
 GREEDY = {"temperature": 0, "seed": 11, "max_tokens": 32}
@@ -196,35 +194,8 @@ def reference_text(server: RunningServer) -> str:
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
     """llama-cpp-python's own OpenAI-compatible server: a foreign peer (no X-Stream-Id)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(default_model_path()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "1024",
-            "--verbose",
-            "false",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/v1/models", process, timeout=60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with llama_cpp_server() as url:
+        yield url
 
 
 # -- the happy path --------------------------------------------------------------------------
