@@ -18,6 +18,7 @@ chunked encoding, one HTTP chunk per SSE message. The scenario is the request's 
 | ``fast``      | ``n`` tokens ``<i>@<monotonic_ns>@`` sent ``gap`` apart on an absolute schedule |
 |               | (gap=0: as fast as the socket takes them) — the relay benchmark's upstream |
 
+``no_stream_options=1`` makes a request carrying ``stream_options`` a 400 (an older server).
 ``POST /_mode`` with ``{"status": 500}`` makes every chat request answer that status (0: back
 to normal). ``GET /_stats`` reports per-request outcomes: ``completed``, ``client_closed``
 (the client hung up mid-stream: the upstream stopped generating) or ``crashed``, with the
@@ -141,6 +142,12 @@ class FaultUpstream:
         }
         self.requests.append(record)
         status = self.forced_status or (500 if scenario == "error500" else 200)
+        if params.get("no_stream_options") and "stream_options" in request:
+            # An older server that refuses fields it does not know.
+            record["outcome"] = "status_400"
+            message = "Unrecognized request argument supplied: stream_options"
+            await self.send_json(writer, 400, {"error": {"message": message}})
+            return True
         if status != 200:
             record["outcome"] = f"status_{status}"
             await self.send_json(writer, status, {"error": {"message": f"injected {status}"}})

@@ -60,6 +60,11 @@ url = "{fault}"
 discover_models = false
 aliases = {{ via-500 = "error500", via-empty = "empty" }}
 
+[upstreams.old]
+url = "{fault}"
+discover_models = false
+aliases = {{ via-old = "ok" }}
+
 [upstreams.slow]
 url = "{fault}"
 discover_models = false
@@ -297,6 +302,19 @@ def test_sampling_and_usage_request_are_forwarded(gw: RunningServer, fault: Runn
     assert (sent["max_tokens"], sent["seed"], sent["stop"]) == (5, 7, ["zz"])
     assert (sent["temperature"], sent["top_p"], sent["presence_penalty"]) == (0.3, 0.9, 0.5)
     assert sent["user"] == "u1"
+
+
+def test_an_upstream_refusing_stream_options_is_retried_without_it(
+    gw: RunningServer, fault: RunningFault
+) -> None:
+    marker = "marker-old-server"
+    for _ in range(2):
+        events = native(gw, chat("via-old", f"n=2 gap=0 no_stream_options=1 {marker}"))
+        assert texts(events) == "tok0 tok1 " and events[-1]["type"] == "stream.completed"
+    records = record_for(fault, marker)
+    # Refused once, retried without the field, and remembered for the next request.
+    assert [r["outcome"] for r in records] == ["status_400", "completed", "completed"]
+    assert "stream_options" not in records[-1]["request"]
 
 
 def test_trickle_is_forwarded_the_moment_each_chunk_arrives(gw: RunningServer) -> None:

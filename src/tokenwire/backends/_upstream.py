@@ -241,10 +241,14 @@ class UpstreamCall:
     async def _read(self, url: str, body: dict[str, Any]) -> None:
         backend = self.backend
         try:
-            request = backend.client.build_request(
-                "POST", url, content=orjson.dumps(body), headers=backend.request_headers()
-            )
-            response = await backend.client.send(request, stream=True)
+            response = await self._send(url, body)
+            if response.status_code in (400, 422):
+                # An older server may refuse an optional field; the backend may drop it once.
+                error = await _status_error(backend.name, response)
+                body_again = backend.retry_body(body, error.message)
+                if body_again is None:
+                    raise error
+                response = await self._send(url, body_again)
             try:
                 if response.status_code >= 300:
                     raise await _status_error(backend.name, response)
@@ -303,6 +307,13 @@ class UpstreamCall:
                 else:
                     future.set_result(None)
             self._wake()
+
+    async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
+        backend = self.backend
+        request = backend.client.build_request(
+            "POST", url, content=orjson.dumps(body), headers=backend.request_headers()
+        )
+        return await backend.client.send(request, stream=True)
 
     def _push(self, events: list[Event]) -> None:
         now = self._loop.time()
@@ -481,6 +492,11 @@ class UpstreamBackend(Backend):
 
     def auth_headers(self, key: str) -> dict[str, str]:
         return {"authorization": f"Bearer {key}"}
+
+    def retry_body(self, body: dict[str, Any], rejection: str) -> dict[str, Any] | None:
+        """A body to retry once after the upstream refused ``body`` with 400/422 saying
+        ``rejection`` (None: the refusal stands)."""
+        return None
 
     # -- HTTP ----------------------------------------------------------------------------
 

@@ -257,9 +257,21 @@ class OpenAIDecoder(ChunkDecoder):
 
 class OpenAIBackend(UpstreamBackend):
     path = "/chat/completions"
+    #: Cleared when the upstream refuses ``stream_options`` (older servers): usage is then
+    #: passed through only if the upstream sends it unasked.
+    send_stream_options = True
 
     def build_request(self, request: ChatRequest, model: str) -> tuple[str, dict[str, Any]]:
-        return self.base_url + self.path, chat_body(request, model)
+        body = chat_body(request, model)
+        if not self.send_stream_options:
+            del body["stream_options"]
+        return self.base_url + self.path, body
+
+    def retry_body(self, body: dict[str, Any], rejection: str) -> dict[str, Any] | None:
+        if "stream_options" in body and "stream_options" in rejection:
+            self.send_stream_options = False
+            return {key: value for key, value in body.items() if key != "stream_options"}
+        return None
 
     def decoder(self) -> OpenAIDecoder:
         return OpenAIDecoder()
