@@ -446,3 +446,24 @@ async def test_json_response_format_requests_skip_the_tool_loop(registry: ToolRe
     events = await run_stream(backend, chat(json_object=True), loop_stages(backend, registry))
     assert isinstance(events[-1], StreamCompleted)
     assert backend.requests[0].tools == []  # no server tools offered
+
+
+@pytest.mark.anyio
+async def test_client_tool_calls_pass_through_the_loop(registry: ToolRegistry) -> None:
+    backend = EventScript(steps=[call_events("get_weather", '{"city": "Oslo"}')])
+    request = chat(tools=[WEATHER])
+    events = await run_stream(backend, request, loop_stages(backend, registry))
+    kinds = [e.type for e in events if e.type.startswith("tool_call")]
+    assert kinds == ["tool_call.started", "tool_call.delta", "tool_call.completed"]
+    assert isinstance(events[-1], StreamCompleted) and events[-1].finish_reason == "tool_calls"
+    assert len(backend.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_tool_call_with_json_format_is_not_an_incomplete_json_error() -> None:
+    from tokenwire.stages.structured import structured_output
+
+    backend = EventScript(steps=[call_events("get_weather", '{"city": "Oslo"}')])
+    request = chat(tools=[WEATHER], json_object=True)
+    events = await run_stream(backend, request, [buffer_tool_calls, structured_output])
+    assert isinstance(events[-1], StreamCompleted) and events[-1].finish_reason == "tool_calls"

@@ -14,7 +14,8 @@ it answers without calling a server-side tool. Then the final answer streams as 
 
 - Server-side calls are the server's business: their ``tool_call.*`` events are not passed on
   (OpenAI clients would see calls to functions they never declared); progress says it all.
-  Calls to the client's own tools end the stream with ``finish_reason`` ``tool_calls`` as usual.
+  Calls to the client's own tools end the stream with ``finish_reason`` ``tool_calls`` as usual
+  (server-side calls of that same turn are then not run: the client continues the turn).
 - A tool that raises, times out (``timeout`` per tool, default the loop's) or gets invalid
   arguments does not fail the stream: the error goes back to the model as the tool's result.
   A timed-out function's thread cannot be killed; it is abandoned.
@@ -236,6 +237,7 @@ class ToolLoop:
         while True:
             calls: list[ToolCallCompleted | ToolCallError] = []
             server_indexes: set[int] = set()
+            client_calls = False
             terminal: StreamCompleted | None = None
             stream = self.open_stream(step_request, cancel)
             try:
@@ -250,6 +252,9 @@ class ToolLoop:
                         pass
                     elif isinstance(event, ToolCallCompleted) and event.name in self.tools:
                         calls.append(event)
+                    elif isinstance(event, ToolCallCompleted):
+                        client_calls = True
+                        yield event
                     elif isinstance(event, StreamCompleted):
                         terminal = event
                     else:
@@ -260,7 +265,8 @@ class ToolLoop:
                 calls.append(exc)  # invalid arguments go back to the model
             finally:
                 await aclose(stream)
-            if not calls:
+            if not calls or client_calls:
+                # Done, or the client has calls of its own to run: hand the turn back.
                 yield Usage(
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,

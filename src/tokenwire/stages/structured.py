@@ -85,6 +85,8 @@ _SHALLOW = frozenset(
         "maxContains",
     )
 )
+#: Finish reasons after which the JSON value may be incomplete without being an error.
+_UNFINISHED = frozenset(("length", "tool_calls", "content_filter"))
 _JSON_KIND = {
     dict: "object",
     list: "array",
@@ -371,9 +373,10 @@ async def _structured(events: AsyncIterator[Event], schema: dict[str, Any]) -> A
                     version = parser.version
                     yield JsonPartial(value=parser.value, path=parser.path)
             elif isinstance(event, StreamCompleted):
-                # Cut off by max_tokens: the client sees finish_reason "length" and the
-                # partial value; anything else must have produced a complete valid value.
-                if event.finish_reason != "length":
+                # Cut off by max_tokens (the client sees "length" and the partial value), or
+                # no answer at all (a tool call, a content filter); otherwise the value must
+                # be complete and valid.
+                if event.finish_reason not in _UNFINISHED:
                     stream.close()
                 yield event
             else:
