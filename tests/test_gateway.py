@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import RunningServer, free_port
-from tests.fault_upstream import RunningFault, fault_upstream
+from tests.conftest import RunningServer, free_port, tokenwire_server
+from tests.fault_upstream import SCENARIOS, RunningFault, fault_upstream
 from tests.gateway_support import (
     RunningLlama,
     gateway,
@@ -519,3 +519,16 @@ def test_stop_through_gateway_stops_llama_cpp_server(
     assert events[-1]["type"] == "stream.cancelled"
     # llama.cpp's server (sse-starlette) notes the closed request and stops its generator.
     assert wait_for(lambda: llama.log().count("Disconnected from client") > said_before, 3)
+
+
+def test_serve_with_embedded_model_and_an_upstream_flag(fault: RunningFault) -> None:
+    """`tokenwire serve --upstream NAME=URL`: the embedded model stays the default."""
+    with tokenwire_server("--upstream", f"scripted={fault.url}", "--heartbeat", "1") as both:
+        ids = [m["id"] for m in httpx.get(f"{both.url}/v1/models").json()["data"]]
+        assert ids[0] == "default" and {"scripted", "ok", "tools"} <= set(ids)
+        assert len(ids) > len({"default", "scripted", *SCENARIOS})  # + the embedded model
+        upstream = native(both, chat("ok", "n=3 gap=0"))
+        assert texts(upstream) == "tok0 tok1 tok2 "
+        embedded = native(both, chat("default", max_tokens=4))
+        assert embedded[-1]["type"] == "stream.completed" and texts(embedded)
+        assert "tok0" not in texts(embedded)
