@@ -280,7 +280,6 @@ async def tool_call_events(
     watcher = _CallWatcher()
     parser = PartialJsonParser(watcher)
     decided: bool | None = None  # None: undecided; True: a call; False: text
-    held = ""  # leading whitespace, until the first character decides
     call_id = new_call_id()
     try:
         async for event in events:
@@ -288,15 +287,14 @@ async def tool_call_events(
                 arguments: list[str] = []
                 text = event.text
                 if decided is None:
-                    stripped = (held + text).lstrip()
-                    if not stripped:
-                        held += text
+                    if not text:
                         continue
-                    decided = stripped.startswith("{")
+                    # The grammar's call branch starts with "{" and its text branch cannot,
+                    # so the very first character decides.
+                    decided = text.startswith("{")
                     if not decided:
-                        yield TextDelta(text=held + text)
+                        yield event
                         continue
-                    text = stripped
                 for char in text:
                     try:
                         parser.feed(char)
@@ -314,8 +312,6 @@ async def tool_call_events(
                 reason = "tool_calls" if watcher.arguments_done else event.finish_reason
                 yield StreamCompleted(finish_reason=reason)
             else:
-                if event.terminal and decided is None and held:
-                    yield TextDelta(text=held)
                 yield event
     finally:
         await aclose(events)
