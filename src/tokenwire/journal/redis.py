@@ -309,6 +309,7 @@ class RedisJournal(Journal):
                         f"Redis journal: appending to '{stream_id}' failed: {result}"
                     )
                     self._producing.pop(stream_id, None)
+                    self._spawn(self._end_after_failure(stream_id))
                 else:
                     state.stored = last
                     if terminal:
@@ -414,6 +415,37 @@ class RedisJournal(Journal):
         if int(result) > 0:
             log.warning("stream %s lost its producer; ended it as failed", stream_id)
         return int(result)
+
+    async def _end_after_failure(self, stream_id: str) -> None:
+        """A failed append (Redis restarting, unreachable) leaves a stream without its
+        terminal event while this producer still heartbeats, so no one else would end it.
+        Once Redis answers again, end it with ``stream.failed`` (code ``journal_unavailable``)
+        after the events it stored; the Lua script writes it only if none ended it first."""
+        failed = StreamFailed(
+            error={
+                "type": "journal_error",
+                "message": "The journal lost events of this stream (Redis was unavailable); "
+                "the output above is all that was stored.",
+                "code": "journal_unavailable",
+            }
+        )
+        delay = 0.1
+        deadline = time.monotonic() + self.ttl
+        while time.monotonic() < deadline:
+            args: list[Any] = [
+                f"{self.prefix}node-none:",  # no such node key: end it whoever produces it
+                _encode(failed),
+                int(self.ttl * 1000),
+                int((self.ttl + self.tombstone_ttl) * 1000),
+                stream_id,
+                repr(time.time()),
+            ]
+            try:
+                await self._finalize_script(keys=self._keys(stream_id), args=args)
+                return
+            except (RedisError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def reader_seen(self, stream_id: str) -> float | None:
         readers_key = self._keys(stream_id)[5]

@@ -1,0 +1,453 @@
+"""Fault injection against real ``tokenwire serve`` processes, a real Redis and a scripted
+upstream that crashes on cue (tests/fault_upstream.py).
+
+The same three promises are checked after every fault:
+- every stream ends with exactly one terminal event (seqs 0..n contiguous, terminal last);
+- nothing already journaled is lost (a resume replays what clients saw, byte for byte);
+- the server's memory returns to its baseline (RSS after repeated rounds, with slack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+import pytest
+
+from tests.fault_upstream import RunningFault, fault_upstream
+from tokenwire.events import TERMINAL_TYPES
+
+from ..conftest import RunningServer, free_port, tokenwire_server
+from .services import _stop, _wait_for_port, require
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def fault() -> Iterator[RunningFault]:
+    with fault_upstream() as running:
+        yield running
+
+
+def chat(model: str, content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def data_lines(text: str) -> list[str]:
+    return [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+
+
+def native_events(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in data_lines(text)]
+
+
+def assert_one_terminal(events: list[dict[str, Any]]) -> dict[str, Any]:
+    assert events, "no events"
+    assert [e["seq"] for e in events] == list(range(len(events))), "a gap or a duplicate"
+    terminals = [e for e in events if e["type"] in TERMINAL_TYPES]
+    assert terminals == [events[-1]], f"terminals: {terminals}"
+    return terminals[0]
+
+
+def replay(url: str, stream_id: str, after: int = -1) -> list[dict[str, Any]]:
+    response = httpx.get(f"{url}/v1/streams/{stream_id}?after={after}", timeout=60)
+    assert response.status_code == 200, response.text
+    return native_events(response.text)
+
+
+def rss(server: RunningServer) -> int:
+    return int(psutil.Process(server.process.pid).memory_info().rss)
+
+
+def wait_idle(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/healthz", timeout=10).json()["active_streams"] == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("streams still active")
+
+
+# -- upstream crash -------------------------------------------------------------------------------
+
+
+def test_upstream_crash_mid_stream_ends_each_stream_once_and_keeps_the_partial(
+    fault: RunningFault,
+) -> None:
+    with tokenwire_server(
+        "--upstream", f"fault={fault.url}", "--no-embedded", "--disconnect-grace", "30"
+    ) as server:  # fmt: skip
+
+        def one(index: int) -> tuple[str, str]:
+            model, words = ("crash", f"after={3 + index % 5} gap=0.01") if index % 3 else (
+                "ok", "n=8 gap=0.01")  # fmt: skip
+            with httpx.stream(
+                "POST", f"{server.url}/v1/streams", json=chat(model, words), timeout=60
+            ) as response:
+                assert response.status_code == 200
+                return response.headers["x-stream-id"], response.read().decode()
+
+        threads: list[tuple[str, str]] = []
+        lock = threading.Lock()
+
+        def run(index: int) -> None:
+            result = one(index)
+            with lock:
+                threads.append(result)
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(24)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert len(threads) == 24
+        failed = 0
+        for stream_id, body in threads:
+            events = native_events(body)
+            terminal = assert_one_terminal(events)
+            if terminal["type"] == "stream.failed":
+                failed += 1
+                assert terminal["error"]["type"].startswith("backend")
+                assert any(e["type"] == "text.delta" for e in events)  # the partial is there
+            else:
+                assert terminal["type"] == "stream.completed"
+            assert replay(server.url, stream_id) == events  # nothing journaled was lost
+        assert failed == 16
+
+
+# -- a replica killed mid-stream -------------------------------------------------------------------
+
+
+@dataclass
+class Redis:
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        # appendfsync always: every acknowledged write survives a crash (the restart test).
+        options = {"port": self.port, "bind": "127.0.0.1", "save": "", "appendonly": "yes",
+                   "appendfsync": "always", "dir": self.directory, "daemonize": "no"}  # fmt: skip
+        command = [require("redis-server")]
+        for name, value in options.items():
+            command += [f"--{name}", str(value)]
+        self.process = subprocess.Popen(
+            command,
+            stdout=(self.directory / "redis.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.port, self.process)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+
+@contextmanager
+def durable_redis() -> Iterator[Redis]:
+    directory = Path(tempfile.mkdtemp(prefix="tw-redis-aof-"))
+    redis = Redis(free_port(), directory)
+    redis.start()
+    try:
+        yield redis
+    finally:
+        if redis.process is not None:
+            _stop(redis.process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Follower(threading.Thread):
+    """Reads a native stream, remembering every SSE message as it arrives."""
+
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.events: list[dict[str, Any]] = []
+        self.stream_id: str | None = None
+        self.started = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=60) as response:
+                self.stream_id = response.headers["x-stream-id"]
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        self.events.append(orjson.loads(line[5:]))
+                        self.started.set()
+        except BaseException as exc:  # the test inspects it
+            self.error = exc
+        finally:
+            self.started.set()
+
+
+@pytest.mark.timeout(180)
+def test_replica_killed_mid_stream_is_finished_by_another_with_nothing_lost(
+    fault: RunningFault,
+) -> None:
+    with durable_redis() as redis:
+        common = ("--upstream", f"fault={fault.url}", "--no-embedded", "--journal", redis.url,
+                  "--disconnect-grace", "30")  # fmt: skip
+        with tokenwire_server(*common) as b, tokenwire_server(*common) as a:
+            follower = Follower(f"{a.url}/v1/streams", chat("trickle", "n=400 gap=0.02"))
+            follower.start()
+            assert follower.started.wait(30)
+            time.sleep(0.6)
+            a.process.kill()  # SIGKILL: no drain, no flush, no goodbye
+            a.process.wait(10)
+            follower.join(30)
+            seen = follower.events
+            assert follower.stream_id is not None and len(seen) > 5
+            # The client resumes on B from what it has; B waits out A's liveness lease.
+            rest = replay(b.url, follower.stream_id, after=seen[-1]["seq"])
+            events = seen + rest
+            terminal = assert_one_terminal(events)
+            assert terminal["type"] == "stream.failed"
+            assert terminal["error"]["code"] == "producer_lost"
+            # Everything A had journaled is there, in order, and a fresh replay agrees.
+            assert replay(b.url, follower.stream_id) == events
+
+
+# -- Redis restarted mid-stream --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_redis_restart_mid_stream_keeps_one_terminal_and_the_journal(
+    fault: RunningFault,
+) -> None:
+    with durable_redis() as redis, tokenwire_server(
+        "--upstream", f"fault={fault.url}", "--no-embedded", "--journal", redis.url,
+        "--disconnect-grace", "30",
+    ) as server:  # fmt: skip
+        follower = Follower(f"{server.url}/v1/streams", chat("trickle", "n=150 gap=0.02"))
+        follower.start()
+        assert follower.started.wait(30)
+        time.sleep(0.5)
+        redis.kill()
+        time.sleep(0.5)
+        redis.start()
+        follower.join(60)
+        assert follower.stream_id is not None
+        seen = follower.events
+        # Whatever the connection saw, a resume (again if needed) reaches exactly one end.
+        deadline = time.monotonic() + 60
+        events = seen
+        while not events or events[-1]["type"] not in TERMINAL_TYPES:
+            assert time.monotonic() < deadline, "the stream never ended"
+            after = events[-1]["seq"] if events else -1
+            try:
+                events = events + replay(server.url, follower.stream_id, after=after)
+            except (httpx.HTTPError, AssertionError):
+                time.sleep(0.5)
+        terminal = assert_one_terminal(events)
+        # Appends failed while Redis was down: the stream ends typed, after what was stored.
+        assert terminal["type"] == "stream.failed", terminal
+        assert terminal["error"]["code"] == "journal_unavailable"
+        assert any(e["type"] == "text.delta" for e in events)
+        assert replay(server.url, follower.stream_id) == events
+
+
+# -- a client that never reads ---------------------------------------------------------------------
+
+
+def raw_request(
+    port: int, method: str, path: str, body: bytes = b"", rcvbuf: int = 0
+) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body)
+    return sock
+
+
+def relay_latencies(url: str, n: int = 150, gap: float = 0.01) -> list[float]:
+    """Upstream send -> client arrival, per token, for a ``fast`` stream (same clock)."""
+    latencies = []
+    body = chat("fast", f"n={n} gap={gap}")
+    with httpx.stream("POST", f"{url}/v1/streams", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:") and '"text.delta"' in line:
+                arrived = time.monotonic_ns()
+                sent = int(orjson.loads(line[5:])["text"].split("@")[1])
+                latencies.append((arrived - sent) / 1e9)
+    assert len(latencies) == n
+    return latencies
+
+
+@pytest.mark.timeout(240)
+def test_a_client_that_never_reads_blocks_nothing_and_holds_bounded_memory(
+    fault: RunningFault,
+) -> None:
+    with tokenwire_server(
+        "--upstream", f"fault={fault.url}", "--no-embedded",
+        "--send-timeout", "2", "--disconnect-grace", "60", "--heartbeat", "1",
+    ) as server:  # fmt: skip
+        relay_latencies(server.url, 50)  # warm up
+        baseline = statistics.median(relay_latencies(server.url))
+
+        # A big stream (~6 MB of events) to a socket that never reads, 4 KiB receive buffer.
+        big = orjson.dumps(chat("fast", "n=100000 gap=0"))
+        stuck = raw_request(server.port, "POST", "/v1/streams", big, rcvbuf=4096)
+        try:
+            time.sleep(0.5)
+            during = statistics.median(relay_latencies(server.url))
+            # The producer was never held by the reader: the upstream sent all of it.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                big_runs = [r for r in fault.stats() if "n=100000" in str(r)]
+                if big_runs and big_runs[-1].get("outcome") == "completed":
+                    break
+                time.sleep(0.2)
+            assert big_runs and big_runs[-1]["outcome"] == "completed"
+            assert big_runs[-1]["sent"] == 100000
+        finally:
+            stuck.close()
+        # Other streams kept their pace (ratio with slack; never an absolute speed).
+        assert during <= max(5 * baseline, baseline + 0.05), (baseline, during)
+
+        # Memory: 20 more stuck readers replaying the finished 6 MB stream must not cost
+        # 20 copies; each holds at most its socket buffers until the send timeout drops it.
+        with httpx.stream("POST", f"{server.url}/v1/streams", content=big, timeout=60) as read:
+            stream_id = read.headers["x-stream-id"]
+            for _ in read.iter_bytes():
+                pass
+        wait_idle(server.url)
+        before = rss(server)
+        stuck_readers = [
+            raw_request(server.port, "GET", f"/v1/streams/{stream_id}", rcvbuf=4096)
+            for _ in range(20)
+        ]
+        try:
+            time.sleep(1.0)
+            peak = rss(server)
+            time.sleep(3.0)  # past the 2 s send timeout: the server dropped them
+            assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        finally:
+            for sock in stuck_readers:
+                sock.close()
+        assert peak - before < 40 * 2**20, (before, peak)
+        events = replay(server.url, stream_id)
+        assert_one_terminal(events)
+        assert events[-1]["type"] == "stream.completed"
+
+
+# -- thousands of abrupt disconnects, and the leak check -------------------------------------------
+
+
+async def _abrupt(port: int, body: bytes, rng: random.Random, ids: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sock = writer.get_extra_info("socket")
+    # SO_LINGER 0: close() sends RST, the most abrupt way a client can vanish.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.write(
+        b"POST /v1/streams HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    try:
+        when = rng.random()
+        if when < 0.3:
+            await asyncio.sleep(rng.random() * 0.01)  # before or while the stream starts
+        else:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"x-stream-id:"):
+                    ids.append(line.split(b":", 1)[1].strip().decode())
+            if when > 0.6:
+                await asyncio.wait_for(reader.read(rng.randint(1, 4000)), 30)
+    except (TimeoutError, OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.transport.abort()
+
+
+async def _storm(port: int, count: int, concurrency: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    body = orjson.dumps(chat("ok", "n=40 gap=0.005"))
+    ids: list[str] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            await _abrupt(port, body, rng, ids)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    return ids
+
+
+def _full_streams(url: str, count: int) -> None:
+    with httpx.Client(timeout=60) as client:
+        for _ in range(count):
+            response = client.post(f"{url}/v1/streams", json=chat("ok", "n=20 gap=0"))
+            assert native_events(response.text)[-1]["type"] == "stream.completed"
+
+
+@pytest.mark.timeout(400)
+def test_thousands_of_abrupt_disconnects_end_every_stream_once_without_leaking(
+    fault: RunningFault,
+) -> None:
+    with tokenwire_server(
+        "--upstream", f"fault={fault.url}", "--no-embedded",
+        "--disconnect-grace", "0", "--heartbeat", "1",
+        # Finished streams leave the journal after 1 s, so retention is not mistaken for a leak.
+        "--stream-ttl", "1",
+    ) as server:  # fmt: skip
+        ids = asyncio.run(_storm(server.port, 2000, 100, seed=9))
+        wait_idle(server.url)
+        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        # Every stream whose id reached a client ended exactly once (checked within the TTL).
+        sample = ids[-200:]
+        for stream_id in sample:
+            try:
+                events = replay(server.url, stream_id)
+            except AssertionError:
+                continue  # already evicted (410): finished more than 1 s ago
+            terminal = assert_one_terminal(events)
+            assert terminal["type"] in ("stream.cancelled", "stream.completed")
+        assert len(ids) > 1000
+
+        # Leak check: after a warm-up round, more rounds bring RSS back near the baseline.
+        _full_streams(server.url, 200)
+        time.sleep(1.5)
+        _full_streams(server.url, 5)  # a create sweeps the expired streams
+        baseline = rss(server)
+        for round_ in range(3):
+            asyncio.run(_storm(server.port, 500, 100, seed=round_))
+            _full_streams(server.url, 200)
+            wait_idle(server.url)
+            time.sleep(1.5)
+            _full_streams(server.url, 5)
+        after = rss(server)
+        stats = httpx.get(f"{server.url}/metrics", timeout=10).text
+        growth = after - baseline
+        print(f"RSS baseline {baseline / 2**20:.1f} MiB, after 3 rounds {after / 2**20:.1f} MiB")
+        assert growth < max(16 * 2**20, baseline * 0.1), (baseline, after, stats[-400:])
+        if os.environ.get("TW_FAULTS_VERBOSE"):
+            print(stats)
