@@ -499,7 +499,9 @@ class LlamaCppBackend(Backend):
 
         self._format = render
         if not self._model_name:
-            self._model_name = metadata.get("general.name") or self.model_path.stem
+            # The file name, not general.name: ids are typed by users and must not hold
+            # spaces ("Smollm2 135M 8k Lc100K Mix1 Ep2" is the shipped GGUF's general.name).
+            self._model_name = self.model_path.stem
         self._engine = _BatchEngine(
             llama,
             n_parallel=self.parallel,
