@@ -34,6 +34,10 @@ def llama_cpp_server() -> Iterator[str]:
             "1024",
             "--verbose",
             "false",
+            # By default a new request cuts the running one short: a load test would then
+            # measure interruptions, not streams.
+            "--interrupt_requests",
+            "false",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -51,7 +51,7 @@ def bench(server: RunningServer | str, tmp_path: Path, *args: str) -> tuple[dict
 
 def check_level(level: dict[str, Any], requests: int) -> None:
     assert level["completed"] == requests and level["failed"] == 0
-    assert 0 < level["total_output_tokens"] <= 8 * requests
+    assert 0 < level["total_output_tokens"] <= 8 * requests, level
     assert level["request_throughput"] > 0 and level["output_throughput"] > 0
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         stats = level[name]
