@@ -133,6 +133,41 @@ def test_streams_progressively_and_survives_ctrl_c(chat: Tmux) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_one_shot_in_a_terminal_renders_markdown(server: RunningServer) -> None:
+    prompt = "List three colours as a markdown list."
+    args = ["--max-tokens", "40", "--temperature", "0", "--seed", "5"]
+    with Client(server.url) as client:
+        plain = client.chat.create(
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=40,
+            temperature=0,
+            seed=5,
+        ).text
+    items = [line[1:].strip() for line in plain.splitlines() if line.startswith("* ")]
+    assert items, f"the model's answer has no markdown list to render: {plain!r}"
+    tmux = Tmux(
+        [
+            sys.executable,
+            "-m",
+            "tokenwire.cli.main",
+            "chat",
+            prompt,
+            "--base-url",
+            server.url,
+            *args,
+        ]
+    )
+    try:
+        screen = tmux.wait_for(lambda s: "CHAT-EXITED-0" in s, timeout=90)
+    finally:
+        tmux.close()
+    # Rendered, not raw: list items become bullets, the "*" markers are gone.
+    assert f"• {items[0]}" in screen
+    assert f"*   {items[0]}" not in screen and f"* {items[0]}" not in screen
+    assert "tok/s" in screen or "tokens" in screen  # the stats line on a terminal
+
+
+@pytest.mark.timeout(120)
 def test_one_shot_prints_plain_text_to_a_pipe(server: RunningServer) -> None:
     params = {"max_tokens": 40, "temperature": 0.0, "seed": 5}
     prompt = "List three colours as a markdown list."
