@@ -65,11 +65,15 @@ class ProxiedConnection:
 
 class CuttingProxy:
     """Forwards 127.0.0.1:port to the target; connection i is cut after ``cuts[i]`` bytes
-    of response (None: never; 0: at once, before any byte)."""
+    of response (None: never; 0: at once, before any byte), or stalls there (``stall``)."""
 
-    def __init__(self, target_port: int, cuts: list[int | None] | None = None) -> None:
+    def __init__(
+        self, target_port: int, cuts: list[int | None] | None = None, *, stall: bool = False
+    ) -> None:
         self.target_port = target_port
         self.cuts = list(cuts or [])
+        #: At the cut, go silent instead of closing: the client sees a stalled stream.
+        self.stall = stall
         self.connections: list[ProxiedConnection] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -142,7 +146,8 @@ class CuttingProxy:
                     client.sendall(data[: limit - record.downstream_bytes])
                     record.downstream_bytes = limit
                     record.cut_at = time.monotonic()
-                    self._shut(client)
+                    if not self.stall:
+                        self._shut(client)
                     continue
                 client.sendall(data)
                 record.downstream_bytes += len(data)
@@ -389,6 +394,23 @@ async def test_async_openai_protocol_resumes_through_a_cut(
     assert "".join(texts) == reference_text
     assert isinstance(events[-1], StreamCompleted)
     assert sum(isinstance(e, StreamStarted) for e in events) == 1
+
+
+def test_a_stalled_stream_resumes_after_the_idle_timeout(
+    server: RunningServer, reference_text: str
+) -> None:
+    """No bytes at all (not even heartbeats) for ``timeout`` seconds: treated as a drop."""
+    with (
+        CuttingProxy(server.port, cuts=[1000], stall=True) as proxy,
+        Client(proxy.url, timeout=2.0) as client,
+        client.chat.stream(messages=PROMPT, **GREEDY) as stream,
+    ):
+        events = list(stream)
+    assert len(proxy.connections) == 2
+    first, second = proxy.connections
+    assert first.cut_at is not None and second.opened_at - first.cut_at >= 2.0
+    assert_well_formed(events)
+    assert stream.final().text == reference_text
 
 
 def test_stream_interrupted_once_retries_are_spent(
