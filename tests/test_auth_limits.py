@@ -13,6 +13,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -22,6 +23,8 @@ import pytest
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from tokenwire.cli.serve import exposure_warning
+from tokenwire.config import Settings
 from tokenwire.errors import Overloaded
 from tokenwire.events import StreamCompleted, StreamStarted, TextDelta
 from tokenwire.journal.base import StreamMeta
@@ -60,6 +63,7 @@ def limited() -> Iterator[RunningServer]:
         "--rate-burst", "2",
         "--max-stream-bytes", "1500",
         "--disconnect-grace", "30",
+        "--metrics-auth",
         env={"TOKENWIRE_API_KEYS": "r1, r2,r3"},
     ) as running:  # fmt: skip
         yield running
@@ -120,7 +124,7 @@ def test_missing_key_on_messages_is_401_in_anthropic_shape(keyed: RunningServer)
 
 
 def test_open_paths_need_no_key(keyed: RunningServer) -> None:
-    for path in ("/healthz", "/", "/openapi.json", "/metrics"):
+    for path in ("/healthz", "/", "/openapi.json", "/metrics"):  # /metrics: metrics_auth off
         assert HTTP.get(keyed.url + path).status_code == 200, path
 
 
@@ -385,3 +389,24 @@ def test_raw_socket_sees_401_before_any_body_is_read(keyed: RunningServer) -> No
         )
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 401")
+
+
+def test_metrics_can_require_a_key(limited: RunningServer) -> None:
+    assert HTTP.get(f"{limited.url}/metrics").status_code == 401
+    assert HTTP.get(f"{limited.url}/metrics", headers=bearer("r3")).status_code == 200
+    assert HTTP.get(f"{limited.url}/healthz").status_code == 200
+
+
+def test_keys_from_the_config_file_and_the_exposure_warning(tmp_path: Path) -> None:
+    config = tmp_path / "tokenwire.toml"
+    config.write_text('api_keys = ["from-file-1", "from-file-2"]\nmax_tokens_limit = 9\n')
+    settings = Settings.load({"config": str(config)}, env={})
+    assert settings.api_keys == ["from-file-1", "from-file-2"]
+    assert settings.max_tokens_limit == 9
+    assert Settings.load({}, env={"TOKENWIRE_API_KEYS": "a, b"}).api_keys == ["a", "b"]
+    # Open and reachable beyond loopback: a loud banner; keys or loopback: none.
+    warning = exposure_warning(Settings(host="0.0.0.0"))
+    assert warning is not None and "no API keys" in warning and "!!!!" in warning
+    assert exposure_warning(Settings(host="0.0.0.0", api_keys=["k"])) is None
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(Settings(host=host)) is None

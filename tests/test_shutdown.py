@@ -89,12 +89,16 @@ def test_sigterm_drains_then_cancels_with_a_clean_terminal_frame(fault: RunningF
         long_openai = start(
             f"{url}/v1/chat/completions", chat("trickle", "n=600 gap=0.1", stream=True)
         )
+        long_anthropic = start(
+            f"{url}/v1/messages",
+            {**chat("trickle", "n=600 gap=0.1"), "max_tokens": 1000, "stream": True},
+        )
         sent = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port), 2):
             pass  # stopped accepting at once
-        for reader in (short, long_native, long_openai):
+        for reader in (short, long_native, long_openai, long_anthropic):
             reader.join(DRAIN + 15)
             assert not reader.is_alive()
             assert reader.error is None, reader.error
@@ -117,6 +121,11 @@ def test_sigterm_drains_then_cancels_with_a_clean_terminal_frame(fault: RunningF
     assert frames[-1].data == "[DONE]"
     assert frames[-2].json()["choices"][0]["finish_reason"] == "stop"
     assert DRAIN - 0.5 <= long_openai.ended_at - sent <= DRAIN + 8
+
+    messages = [e.json() for e in long_anthropic.events]
+    assert messages[-1]["type"] == "message_stop"
+    assert messages[-2]["type"] == "message_delta"
+    assert DRAIN - 0.5 <= long_anthropic.ended_at - sent <= DRAIN + 8
 
 
 def test_sigterm_flushes_the_redis_journal(fault: RunningFault) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from tokenwire.config import Settings
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "exposure_warning", "run"]
 
 
 def add_parser(commands: Any) -> None:
@@ -84,6 +84,21 @@ def add_parser(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def exposure_warning(settings: Settings) -> str | None:
+    """The banner printed when the server is open (no keys) and reachable beyond loopback."""
+    if settings.api_keys or _is_loopback(settings.host):
+        return None
+    # Loud on purpose: anyone who can reach this address can use the model and read streams.
+    banner = "!" * 78
+    return (
+        f"{banner}\n"
+        f"tokenwire: WARNING: no API keys configured and bound to {settings.host}, not to\n"
+        "  loopback: anyone who can reach this port can run the model and read, resume or\n"
+        "  cancel any stream whose id they learn. Set --api-keys / TOKENWIRE_API_KEYS.\n"
+        f"{banner}"
+    )
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
@@ -108,18 +123,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if not settings.api_keys and not _is_loopback(settings.host):
-        # Loud on purpose: anyone who can reach this address can use the model and read streams.
-        banner = "!" * 78
-        print(
-            f"{banner}\n"
-            f"tokenwire: WARNING: no API keys configured and bound to {settings.host}, not to\n"
-            "  loopback: anyone who can reach this port can run the model and read, resume or\n"
-            "  cancel any stream whose id they learn. Set --api-keys / TOKENWIRE_API_KEYS.\n"
-            f"{banner}",
-            file=sys.stderr,
-            flush=True,
-        )
+    warning = exposure_warning(settings)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     app = create_app(settings)
     base = f"http://{settings.host}:{settings.port}"
     print(f"tokenwire: chat UI at {base}/", flush=True)
