@@ -387,6 +387,10 @@ def create_app(
         # once thousands of streams are open (benchmarks/idle_capacity.py).
         gc.collect()
         gc.freeze()
+        # Fewer, larger young collections: a heartbeat's objects live one interval and,
+        # at the default thresholds, got promoted and triggered multi-second full passes
+        # over every open stream's objects at 10,000 streams (benchmarks/README.md).
+        gc.set_threshold(50_000, 50, 100)
         server.drain.bind()
         draining = asyncio.create_task(server.drain.watch(manager), name="tokenwire-drain")
         try:
