@@ -139,6 +139,8 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
     from tokenwire.server.app import create_app
 
     raise_fd_limit()
+    if os.environ.get("CAPACITY_GC_THRESHOLD"):  # experiments: "700,10,10"
+        gc.set_threshold(*(int(x) for x in os.environ["CAPACITY_GC_THRESHOLD"].split(",")))
     if os.environ.get("CAPACITY_GC_LOG"):
         gc_started = [0.0]
 
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--active", type=int, default=1_000, help="active streams")
     parser.add_argument("--rate", type=float, default=5.0, help="tokens/s per active stream")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds to measure")
-    parser.add_argument("--heartbeat", type=float, default=1.0)
+    parser.add_argument("--heartbeat", type=float, default=5.0)
     # internal roles
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -455,8 +457,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     if args.quick:
         args.streams, args.active, args.hold = min(args.streams, 2000), min(args.active, 200), 8
+        args.heartbeat = min(args.heartbeat, 2.0)
     if args.smoke:
-        args.streams, args.active, args.hold = 300, 50, 2
+        args.streams, args.active, args.hold, args.heartbeat = 300, 50, 3, 1.0
     results = {
         "idle": run_side("idle", args.streams, args.hold, args.heartbeat, args.rate),
         "active": run_side("active", args.active, args.hold, args.heartbeat, args.rate),
