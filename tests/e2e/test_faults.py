@@ -407,8 +407,12 @@ async def _abrupt(port: int, body: bytes, rng: random.Random, ids: list[str]) ->
 
 
 async def _storm(port: int, count: int, concurrency: int, seed: int) -> list[str]:
+    return await _storm_body(port, orjson.dumps(chat("ok", "n=40 gap=0.005")), count,
+                             concurrency, seed)  # fmt: skip
+
+
+async def _storm_body(port: int, body: bytes, count: int, concurrency: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    body = orjson.dumps(chat("ok", "n=40 gap=0.005"))
     ids: list[str] = []
     gate = asyncio.Semaphore(concurrency)
 
@@ -484,4 +488,33 @@ def test_memory_returns_to_baseline_after_many_streams_and_disconnects(
         ]  # fmt: skip
         print(f"RSS baseline {baseline / 2**20:.1f} MiB, after 3 more rounds of 500 abrupt "
               f"disconnects + 200 streams: {after / 2**20:.1f} MiB; {journal}")  # fmt: skip
+        assert after - baseline < max(16 * 2**20, baseline * 0.1), (baseline, after)
+
+
+@pytest.mark.timeout(400)
+def test_embedded_model_memory_and_slots_return_after_disconnect_storms() -> None:
+    """The same leak check on the embedded model (llama.cpp decode slots, fair queue)."""
+    with tokenwire_server(
+        "--disconnect-grace", "0", "--heartbeat", "1", "--stream-ttl", "1",
+        "--max-tokens-limit", "16",
+    ) as server:  # fmt: skip
+        body = orjson.dumps(chat("default", "Tell me about the sea."))
+
+        def round_(seed: int) -> None:
+            ids = asyncio.run(_storm_body(server.port, body, 60, 30, seed))
+            assert ids  # some streams started before their clients vanished
+            with httpx.Client(timeout=60) as client:
+                for _ in range(10):
+                    response = client.post(f"{server.url}/v1/streams", content=body)
+                    terminal = assert_one_terminal(native_events(response.text))
+                    assert terminal["type"] == "stream.completed"
+            wait_idle(server.url, 60)  # every decode slot came back
+            time.sleep(1.5)
+
+        round_(1)  # warm-up
+        baseline = rss(server)
+        for seed in (2, 3):
+            round_(seed)
+        after = rss(server)
+        print(f"embedded: RSS {baseline / 2**20:.1f} -> {after / 2**20:.1f} MiB over 2 rounds")
         assert after - baseline < max(16 * 2**20, baseline * 0.1), (baseline, after)
