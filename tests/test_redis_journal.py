@@ -272,3 +272,20 @@ async def test_unreachable_redis_is_a_journal_error() -> None:
     with pytest.raises(JournalError):
         await journal.create(new_meta())
     await journal.close()
+
+
+async def test_appends_survive_a_flushed_script_cache(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """NOSCRIPT (Redis restarted or SCRIPT FLUSH) reloads the script and retries."""
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    await a.append(meta.id, TextDelta(text="before"))
+    await asyncio.sleep(0.05)
+    redis.cli("SCRIPT", "FLUSH")
+    await a.append(meta.id, TextDelta(text="after"))
+    await a.append(meta.id, StreamCompleted())
+    events = await collect(b, meta.id)
+    assert [e.seq for e in events] == [0, 1, 2]
+    assert [getattr(e, "text", None) for e in events] == ["before", "after", None]

@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from tokenwire.errors import JournalError, StreamExpired, StreamNotFound
 from tokenwire.events import Event, StreamFailed, event_from_dict
@@ -175,6 +175,7 @@ class RedisJournal(Journal):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._started = False
+        self._closing = asyncio.Event()
 
     # -- keys --------------------------------------------------------------------------
 
@@ -213,11 +214,14 @@ class RedisJournal(Journal):
         if self._flusher is not None:
             with contextlib.suppress(Exception):
                 await self._flusher
-        for task in [*self._background, *self._tasks]:
+        self._closing.set()
+        tasks = [*self._background, *self._tasks]
+        for task in tasks:
             task.cancel()
-        for task in [*self._background, *self._tasks]:
-            with contextlib.suppress(BaseException):
-                await task
+        if tasks:
+            # redis-py may turn a cancellation inside a read into a ConnectionError, which
+            # the loops retry; _closing stops them, and the wait is bounded regardless.
+            await asyncio.wait(tasks, timeout=5.0)
         if self._started:
             with contextlib.suppress(RedisError):
                 # Readers of anything still open learn at once that no one produces it.
@@ -277,8 +281,8 @@ class RedisJournal(Journal):
             dirty, self._dirty = self._dirty, {}
             round_done, self._round = self._round, None
             batch: list[tuple[str, _Producing, int, bool]] = []
+            calls: list[tuple[list[str], list[Any]]] = []
             now = repr(time.time())
-            pipe = self._redis.pipeline(transaction=False)
             for stream_id, state in dirty.items():
                 payloads, state.pending = state.pending, []
                 if not payloads:
@@ -294,15 +298,9 @@ class RedisJournal(Journal):
                     now,
                     *payloads,
                 ]
-                await self._append_script(keys=self._keys(stream_id), args=args, client=pipe)
+                calls.append((self._keys(stream_id), args))
                 batch.append((stream_id, state, first + len(payloads) - 1, terminal))
-            results: list[Any]
-            try:
-                results = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                results = [exc] * len(batch)
-            finally:
-                await pipe.reset()
+            results = await self._run_appends(calls)
             for (stream_id, state, last, terminal), result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     state.error = JournalError(
@@ -320,6 +318,51 @@ class RedisJournal(Journal):
         if self._round is not None and not self._round.done():
             self._round.set_result(None)
             self._round = None
+
+    async def _run_appends(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One pipeline of EVALSHA calls; results or exceptions, one per call.
+
+        Plain EVALSHA rather than redis-py's Script objects: those send SCRIPT EXISTS before
+        every pipeline, doubling the round trips. NOSCRIPT (a restarted or flushed Redis)
+        loads the script and retries the calls it refused, which did not run.
+        """
+        sha = self._append_script.sha
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            try:
+                if len(pending) == 1:
+                    # The common case while tokens trickle in: skip the pipeline machinery.
+                    keys, args = calls[pending[0]]
+                    try:
+                        answers = [await self._redis.evalsha(sha, len(keys), *keys, *args)]
+                    except ResponseError as exc:
+                        answers = [exc]
+                else:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for index in pending:
+                            keys, args = calls[index]
+                            pipe.evalsha(sha, len(keys), *keys, *args)
+                        answers = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for index in pending:
+                    results[index] = exc
+                return results
+            refused = []
+            for index, answer in zip(pending, answers, strict=True):
+                results[index] = answer
+                if isinstance(answer, NoScriptError):
+                    refused.append(index)
+            if not refused or attempt:
+                break
+            try:
+                sha = self._append_script.sha = await self._redis.script_load(_APPEND)
+            except (RedisError, OSError) as exc:
+                for index in refused:
+                    results[index] = exc
+                break
+            pending = refused
+        return results
 
     # -- reading -----------------------------------------------------------------------
 
@@ -479,7 +522,7 @@ class RedisJournal(Journal):
             self._cancels.put_nowait((stream_id, reason))
 
     async def _cancel_listener(self) -> None:
-        while True:
+        while not self._closing.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
@@ -490,6 +533,8 @@ class RedisJournal(Journal):
                     stream_id, _, reason = message["data"].decode().partition(" ")
                     self._deliver_cancel(stream_id, reason or "stop")
             except (RedisError, OSError) as exc:
+                if self._closing.is_set():
+                    return
                 log.warning("Redis cancel channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
             finally:
@@ -504,7 +549,7 @@ class RedisJournal(Journal):
 
     async def _heartbeat_loop(self) -> None:
         last_sweep = 0.0
-        while True:
+        while not self._closing.is_set():
             await asyncio.sleep(self.heartbeat)
             try:
                 await self._beat()
