@@ -155,7 +155,32 @@ async def append_costs(url: str, events: int, pace_events: int, pace_ms: float) 
         out["redis"] = results
     finally:
         await redis.close()
+    out["floor"] = {"paced": await bare_command_floor(url, pace_events, pace_ms)}
     return out
+
+
+async def bare_command_floor(url: str, events: int, pace_ms: float) -> dict[str, Any]:
+    """One bare redis-py SET per paced event: the least any Redis write per token costs
+    (a loop woken every few ms pays far more per command than a hot one)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    await client.ping()
+    wall = cpu = 0.0
+    try:
+        for i in range(events):
+            w, c = time.perf_counter(), time.process_time()
+            await client.set("tw-bench-floor", i)
+            wall += time.perf_counter() - w
+            await asyncio.sleep(pace_ms / 1000)
+            cpu += time.process_time() - c
+    finally:
+        await client.aclose()
+    return {
+        "events": events,
+        "wall_us_per_event": wall / events * 1e6,
+        "cpu_us_per_event": cpu / events * 1e6,
+    }
 
 
 # -- 2. resume latency over HTTP ----------------------------------------------------------
@@ -281,7 +306,9 @@ def markdown(result: dict[str, Any]) -> str:
         "are client commands (EVALSHA, heartbeat); the append script's XADDs run inside Redis.",
         "",
         "Redis over memory, producer CPU per event: burst "
-        f"**{extra('burst'):+.1f} µs**, paced **{extra('paced'):+.1f} µs**.",
+        f"**{extra('burst'):+.1f} µs**, paced **{extra('paced'):+.1f} µs**. The floor row "
+        "is one bare redis-py SET per paced event (plus the same sleep): what any Redis write "
+        "per token costs on this machine.",
         "",
         "## Resume latency (fresh connection, Last-Event-ID -> first replayed event)",
         "",
