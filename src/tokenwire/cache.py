@@ -15,8 +15,10 @@ Promises:
 - the request says how it was answered in ``request.extra["tokenwire_cache"]`` (``hit`` or
   ``miss``), which the server sends as the ``X-Tokenwire-Cache`` header.
 
-The cache runs as the innermost stage, so delivery stages (coalescing) apply to replays too,
-and what it stores is exactly what the backend produced, without queue or prefill progress.
+The server runs it after the validating stages (tools, structured output, guards), so only a
+stream they let complete is stored and a hit skips them with the backend, and before the
+delivery stages (coalescing), which apply to replays too. It stores content events only, not
+queue or prefill progress.
 """
 
 from __future__ import annotations

@@ -349,6 +349,8 @@ def create_app(
     )
     metrics = Metrics()
     stages: list[Stage] = []
+    # Tool calls, server-side tools, structured output, guards (stages/pipeline.py).
+    stages.extend(build_stages(settings, router))
     if settings.cache != "off":
         cache = ResponseCache(
             mode=settings.cache,  # type: ignore[arg-type]
@@ -357,9 +359,9 @@ def create_app(
             replay=settings.cache_replay,  # type: ignore[arg-type]
             on_lookup=metrics.cache_lookup,
         )
-        stages.append(cache.stage)  # innermost: stores what the backend produced
-    # Tool calls, server-side tools, structured output, guards (stages/pipeline.py).
-    stages.extend(build_stages(settings, router))
+        # Outside validation and guards: only a stream they let complete is stored, and a
+        # hit skips them with the backend.
+        stages.append(cache.stage)
     # Outside the cache, so replays are coalesced the same way as live streams.
     stages.append(coalesce_stage(parse_coalesce(settings.coalesce, param="coalesce")))
     # Outermost: counts exactly what the journal will hold.
