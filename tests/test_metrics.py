@@ -150,3 +150,21 @@ async def test_inter_token_histogram_measures_the_gaps_the_backend_makes() -> No
     assert buckets["+Inf"] == 4
     assert metrics.tokens_out._value.get() == 5
     await manager.close()
+
+
+def test_queued_gauge_reads_the_backends_fair_queue() -> None:
+    from tokenwire.admission import FairQueue
+    from tokenwire.server.metrics import queued_in
+
+    class QueuedBackend:
+        queue = FairQueue(slots=1, max_waiting=5)
+
+    backend = QueuedBackend()
+    tickets = [backend.queue.join() for _ in range(3)]  # one admitted, two waiting
+    metrics = Metrics()
+    metrics.bind(active=lambda: 1, queued=queued_in([backend]), journal_stats=lambda: {})
+    assert "tokenwire_streams_queued 2.0" in metrics.render().decode()
+    tickets[1].leave()
+    assert "tokenwire_streams_queued 1.0" in metrics.render().decode()
+    tickets[0].leave()  # the last waiter is admitted
+    assert "tokenwire_streams_queued 0.0" in metrics.render().decode()
