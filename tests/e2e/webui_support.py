@@ -125,7 +125,7 @@ class ScriptedBackend(Backend):
     async def _wait_gate(self, name: str, cancel: CancelToken) -> None:
         gate = self.gates.get(name)
         # A threading.Event: the test sets it from its own thread, outside this loop.
-        while gate is not None and not gate.is_set() and not cancel.is_cancelled():  # noqa: ASYNC110
+        while gate is not None and not gate.is_set() and not cancel.is_cancelled():
             await asyncio.sleep(0.02)
 
     async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
@@ -186,10 +186,10 @@ class ThreadedServer:
 
 
 @contextlib.contextmanager
-def scripted_server(backend: ScriptedBackend) -> Iterator[ThreadedServer]:
+def scripted_server(backend: ScriptedBackend, **options: Any) -> Iterator[ThreadedServer]:
     """``create_app(settings, backend=…)`` under uvicorn in a thread, on a free port."""
     port = free_port()
-    settings = Settings(port=port, heartbeat=1.0, disconnect_grace=30.0, warmup=False)
+    settings = Settings(port=port, heartbeat=1.0, disconnect_grace=30.0, warmup=False, **options)
     app = create_app(settings, backend=backend)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)

@@ -41,6 +41,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--log-level", help="debug, info, warning")
     parser.add_argument("--parallel", type=int, help="streams decoded together (8)")
     parser.add_argument("--prefill-chunk", type=int, help="prompt tokens per decode step (64)")
+    parser.add_argument("--requantize", help="re-quantize the embedded model once: q4_0, q8_0")
     parser.add_argument("--cache", help="response cache: off (default), deterministic, all")
     parser.add_argument("--cache-ttl", type=float, help="seconds a cached response lives (600)")
     parser.add_argument("--cache-size", type=int, help="cached responses kept (1000)")

@@ -4,7 +4,7 @@
 // built from an allow-list) or as text (textContent). Nothing here uses innerHTML.
 
 import { StreamingMarkdown, renderMarkdown } from "./markdown.js";
-import { StreamError, StreamRun } from "./stream.js";
+import { StreamError, StreamRun, apiHeaders, setApiKey } from "./stream.js";
 
 const STORE_KEY = "tokenwire.conversations.v1";
 const SETTINGS_KEY = "tokenwire.settings.v1";
@@ -22,6 +22,7 @@ const ui = {
   system: $("system"),
   temperature: $("temperature"),
   maxTokens: $("max-tokens"),
+  apiKey: $("api-key"),
   status: $("status"),
   messages: $("messages"),
   empty: $("empty"),
@@ -66,6 +67,7 @@ const state = {
     system: "",
     temperature: "",
     maxTokens: "",
+    apiKey: "",
     ...readJSON(SETTINGS_KEY, {}),
   },
   currentId: null,
@@ -665,6 +667,7 @@ for (const [input, key] of [
   [ui.system, "system"],
   [ui.temperature, "temperature"],
   [ui.maxTokens, "maxTokens"],
+  [ui.apiKey, "apiKey"],
 ]) {
   input.value = state.settings[key] ?? "";
   input.addEventListener("input", () => {
@@ -672,6 +675,12 @@ for (const [input, key] of [
     saveSettings();
   });
 }
+// A server started with --api-keys needs one: kept in this browser's storage only.
+setApiKey(state.settings.apiKey);
+ui.apiKey.addEventListener("change", () => {
+  setApiKey(ui.apiKey.value);
+  loadModels();
+});
 ui.model.addEventListener("change", () => {
   state.settings.model = ui.model.value;
   saveSettings();
@@ -702,9 +711,14 @@ async function loadModels() {
   const wanted = new URLSearchParams(location.search).get("model");
   let names = ["default"];
   try {
-    const response = await fetch("/v1/models", { cache: "no-store" });
-    const body = await response.json();
-    names = body.data.map((m) => m.id);
+    const response = await fetch("/v1/models", { headers: apiHeaders(), cache: "no-store" });
+    if (response.status === 401) {
+      setStatus("This server needs an API key: enter it under Settings.", { sticky: true });
+    } else {
+      const body = await response.json();
+      names = body.data.map((m) => m.id);
+      setStatus("");
+    }
   } catch {
     setStatus("Could not load the model list.");
   }

@@ -48,6 +48,18 @@ export async function* readSSE(body, onBytes) {
   }
 }
 
+/** The API key sent with every request (empty: the server runs without keys). */
+let apiKey = "";
+
+export function setApiKey(key) {
+  apiKey = (key || "").trim();
+}
+
+/** Headers for an API request: the caller's plus the key, when one is set. */
+export function apiHeaders(headers = {}) {
+  return apiKey ? { ...headers, authorization: `Bearer ${apiKey}` } : headers;
+}
+
 export class StreamError extends Error {
   constructor(message, { status = 0, type = "error", resumable = false } = {}) {
     super(message);
@@ -151,7 +163,12 @@ export class StreamRun {
   /** fetch() with an AbortController per connection; network errors propagate. */
   async connect(url, init) {
     this.connection = new AbortController();
-    return fetch(url, { ...init, signal: this.connection.signal, cache: "no-store" });
+    return fetch(url, {
+      ...init,
+      headers: apiHeaders(init.headers),
+      signal: this.connection.signal,
+      cache: "no-store",
+    });
   }
 
   /** Reads one connection until it ends or breaks; never throws. */
@@ -201,6 +218,7 @@ export class StreamRun {
     try {
       const response = await fetch(`/v1/streams/${encodeURIComponent(this.id)}/cancel`, {
         method: "POST",
+        headers: apiHeaders(),
         cache: "no-store",
       });
       return response.ok;
