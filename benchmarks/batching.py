@@ -78,8 +78,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from tokenwire.backends.llamacpp import LlamaCppBackend
 
     backends = {
-        "batched": LlamaCppBackend(parallel=8, n_threads=args.threads),
-        "serial": LlamaCppBackend(parallel=1, n_threads=args.threads),
+        "batched": LlamaCppBackend(parallel=8, n_threads=args.threads, requantize=args.requantize),
+        "serial": LlamaCppBackend(parallel=1, n_threads=args.threads, requantize=args.requantize),
     }
     for backend in backends.values():
         await backend.start()
@@ -109,6 +109,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await backend.close()
     summary: dict[str, Any] = {
         "threads": args.threads,
+        "requantize": args.requantize,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "seeded_texts_equal_solo": f"{equal}/{len(batched_top)}",
@@ -143,7 +144,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Continuous batching: embedded model, 1 vs N concurrent streams",
         "",
-        f"{os.cpu_count()} cores, {result['threads']} decode thread(s), "
+        f"{os.cpu_count()} cores, {result['threads']} decode thread(s), weights "
+        f"{'re-quantized to ' + result['requantize'] if result['requantize'] else 'as shipped'}, "
         f"{result['max_tokens']} tokens per stream, seeded sampling, median of "
         f"{result['rounds']} interleaved rounds.",
         "",
@@ -194,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=None, help="default: the server's")
+    parser.add_argument("--requantize", help="q4_0 / q8_0: re-quantized weights (--requantize)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.max_tokens = 1, min(args.max_tokens, 48)
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.threads = max(1, (os.cpu_count() or 2) - 1)
     result = asyncio.run(measure(args))
     stem = "batching_smoke" if args.smoke else "batching_quick" if args.quick else "batching"
+    if args.requantize:
+        stem += f"_{args.requantize}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,22 @@ async def test_a_long_prompt_is_prefilled_while_another_stream_keeps_decoding(
     # ~700 prompt tokens in chunks of 32: the running stream got tokens in between.
     assert len(tokens_meanwhile) >= 5
     assert events[-1][1].type == "stream.completed"
+
+
+@pytest.mark.timeout(120)
+def test_requantized_weights_are_made_once_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokenwire.backends.llamacpp import default_model_path, requantized_model
+    from tokenwire.errors import BackendError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    made = requantized_model(default_model_path(), "q4_0")
+    assert made.is_file() and made.parent == tmp_path / "tokenwire"
+    assert made.read_bytes()[:4] == b"GGUF"
+    stamp = made.stat().st_mtime_ns
+    assert requantized_model(default_model_path(), "q4_0") == made
+    assert made.stat().st_mtime_ns == stamp  # not made again
+    assert not list(made.parent.glob("*.partial"))
+    with pytest.raises(BackendError):
+        requantized_model(default_model_path(), "q2_k")

