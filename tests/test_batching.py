@@ -126,7 +126,10 @@ async def test_a_long_prompt_is_prefilled_while_another_stream_keeps_decoding(
     backend: LlamaCppBackend,
 ) -> None:
     running = asyncio.ensure_future(
-        collect(backend, request("Count from one to fifty in words.", max_tokens=200))
+        collect(
+            backend,
+            request("Write a very long story about a dragon and a knight.", max_tokens=400),
+        )
     )
     while backend.queue.running < 1:
         await asyncio.sleep(0.01)
@@ -139,6 +142,7 @@ async def test_a_long_prompt_is_prefilled_while_another_stream_keeps_decoding(
     tokens_meanwhile = [
         e for t, e in events if joined_at < t < first_late and isinstance(e, TextDelta)
     ]
+    assert events[-1][0] > first_late, "the running stream ended before the late one began"
     # ~700 prompt tokens in chunks of 32: the running stream got tokens in between.
     assert len(tokens_meanwhile) >= 5
     assert events[-1][1].type == "stream.completed"
