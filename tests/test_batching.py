@@ -165,3 +165,23 @@ def test_requantized_weights_are_made_once_and_cached(
     assert not list(made.parent.glob("*.partial"))
     with pytest.raises(BackendError):
         requantized_model(default_model_path(), "q2_k")
+
+
+async def test_streams_keep_their_solo_text_when_a_lower_sequence_leaves(
+    backend: LlamaCppBackend,
+) -> None:
+    """A stream that stops early leaves a gap in the sequence ids (filled with a throwaway
+    token each step); the streams after it must not notice."""
+    chats = [request(p, max_tokens=24, temperature=0.8, seed=7 + i) for i, p in enumerate(PROMPTS)]
+    solo = [text_of(await collect(backend, chat)) for chat in chats[1:3]]
+    first = CancelToken()
+    runs = [
+        asyncio.ensure_future(collect(backend, chat, first if i == 0 else None))
+        for i, chat in enumerate(chats[:3])
+    ]
+    while backend._engine is not None and not any(s.completed for s in backend._engine._active):
+        await asyncio.sleep(0.005)
+    first.cancel("stop")
+    results = await asyncio.wait_for(asyncio.gather(*runs), 60)
+    assert results[0][-1][1].type == "usage"  # cancelled: no stream.completed
+    assert [text_of(events) for events in results[1:]] == solo

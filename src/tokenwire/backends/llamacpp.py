@@ -30,6 +30,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import heapq
 import importlib.metadata
 import logging
 import os
@@ -199,7 +200,9 @@ class _BatchEngine:
         self.n_parallel = n_parallel
         self.prefill_chunk = max(1, prefill_chunk)
         # Small ubatches keep the compute buffer (worst-case logits for every token) small.
-        self.n_batch = self.prefill_chunk + n_parallel
+        # Per step: the chunk, one token (decode, filler or prompt) per sequence, and one
+        # more prompt token for each sequence still prefilling.
+        self.n_batch = self.prefill_chunk + 2 * n_parallel
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * n_parallel  # n_ctx cells for each sequence
         params.n_batch = self.n_batch
@@ -234,7 +237,9 @@ class _BatchEngine:
             for token in range(self.n_vocab)
             if llama_cpp.llama_vocab_is_eog(self.vocab, token)
         )
-        self._free_ids = list(range(n_parallel - 1, -1, -1))
+        self._free_ids = list(range(n_parallel))  # a heap: the lowest free id first
+        bos = llama.token_bos()
+        self.filler_token = bos if bos >= 0 else 0
         self._active: list[_Sequence] = []
         self._inbox: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
@@ -308,7 +313,7 @@ class _BatchEngine:
                 loop.call_soon_threadsafe(_deliver, items)
 
     def _join(self, sequence: _Sequence) -> None:
-        sequence.seq_id = self._free_ids.pop()
+        sequence.seq_id = heapq.heappop(self._free_ids)
         sequence.sampler = self._sampler(sequence)
         self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
         self._active.append(sequence)
@@ -340,7 +345,7 @@ class _BatchEngine:
     def _release(self, sequence: _Sequence) -> None:
         if sequence.seq_id >= 0:
             self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
-            self._free_ids.append(sequence.seq_id)
+            heapq.heappush(self._free_ids, sequence.seq_id)
             sequence.seq_id = -1
         if sequence.sampler is not None:
             sequence.sampler.close()
@@ -382,40 +387,59 @@ class _BatchEngine:
         batch = self.batch
         n = 0
         outputs: list[tuple[_Sequence, int]] = []
+        # Prompt tokens this step: the oldest prefilling sequences get the chunk, and every
+        # prefilling sequence at least one token, so that every active id is in the step.
+        budget = self.prefill_chunk
+        takes: dict[int, int] = {}
         for sequence in self._active:
             if sequence.prefilling:
-                continue
-            batch.token[n] = sequence.next_token
-            batch.pos[n] = sequence.n_past
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = sequence.seq_id
-            batch.logits[n] = True
-            outputs.append((sequence, n))
-            sequence.n_past += 1
-            n += 1
-        budget = self.prefill_chunk
-        for sequence in self._active:
-            if budget <= 0:
-                break
-            if not sequence.prefilling:
-                continue
-            take = min(budget, len(sequence.prompt) - sequence.fed)
-            for offset in range(take):
-                batch.token[n] = sequence.prompt[sequence.fed + offset]
-                batch.pos[n] = sequence.n_past + offset
+                take = min(len(sequence.prompt) - sequence.fed, max(1, budget))
+                takes[sequence.seq_id] = take
+                budget -= take
+        # llama.cpp decodes one ubatch per run of consecutive, increasing sequence ids (with
+        # one KV stream per sequence); a gap left by a finished stream would split the step
+        # into several passes over the weights. Free ids below the highest active one get a
+        # throwaway token instead, removed right after the step.
+        by_id = {sequence.seq_id: sequence for sequence in self._active}
+        fillers: list[int] = []
+        for seq_id in range(max(by_id) + 1):
+            member = by_id.get(seq_id)
+            if member is None:
+                batch.token[n] = self.filler_token
+                batch.pos[n] = 0
                 batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = sequence.seq_id
+                batch.seq_id[n][0] = seq_id
                 batch.logits[n] = False
+                fillers.append(seq_id)
                 n += 1
-            sequence.fed += take
-            sequence.n_past += take
-            budget -= take
-            if sequence.fed == len(sequence.prompt):
-                batch.logits[n - 1] = True  # the prompt's last token gives the first logits
-                outputs.append((sequence, n - 1))
+            elif not member.prefilling:
+                batch.token[n] = member.next_token
+                batch.pos[n] = member.n_past
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = True
+                outputs.append((member, n))
+                member.n_past += 1
+                n += 1
+            else:
+                take = takes[seq_id]
+                for offset in range(take):
+                    batch.token[n] = member.prompt[member.fed + offset]
+                    batch.pos[n] = member.n_past + offset
+                    batch.n_seq_id[n] = 1
+                    batch.seq_id[n][0] = seq_id
+                    batch.logits[n] = False
+                    n += 1
+                member.fed += take
+                member.n_past += take
+                if member.fed == len(member.prompt):
+                    batch.logits[n - 1] = True  # the prompt's last token: the first logits
+                    outputs.append((member, n - 1))
         batch.n_tokens = n
         status = self._lib.llama_decode(self.context.ctx, batch)
         self.steps += 1
+        for seq_id in fillers:
+            self._lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
         if status != 0:
             raise BackendError(f"llama_decode returned {status}")
         pieces = self.pieces
