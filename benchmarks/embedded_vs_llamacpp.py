@@ -1,7 +1,9 @@
 """tokenwire's embedded model vs llama-cpp-python's own server, side by side in one run.
 
 Both serve the same GGUF with the same threads and context; requests alternate between them
-(interleaved rounds, so machine noise hits both alike) at temperature 0 with the same prompt.
+(interleaved rounds, so machine noise hits both alike) at temperature 0. Every request opens
+with a system message of its own, so neither server can answer from a cached prompt prefix:
+TTFT is a cold prefill for both.
 The engine's own decode rate (llama-cpp-python in-process, no HTTP) is measured in the same
 run as the ceiling both servers are held against.
 
@@ -73,10 +75,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def one_stream(base: str, model: str, max_tokens: int) -> dict[str, Any]:
+def one_stream(base: str, model: str, max_tokens: int, tag: str = "") -> dict[str, Any]:
+    system = {"role": "system", "content": f"Request {tag or time.perf_counter_ns()}. Be brief."}
     body = {
         "model": model,
-        "messages": PROMPT,
+        "messages": [system, *PROMPT],
         "stream": True,
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -112,8 +115,9 @@ def engine_rate(model_path: str, threads: int, ctx: int, max_tokens: int, rounds
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     eos = llama.detokenize([llama.token_eos()], special=True).decode()
+    system = {"role": "system", "content": "Request engine. Be brief."}
     prompt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token="")(
-        messages=PROMPT  # type: ignore[arg-type]
+        messages=[system, *PROMPT]  # type: ignore[arg-type]
     ).prompt
     tokens = llama.tokenize(prompt.encode(), add_bos=False, special=True)
     rates = []
@@ -155,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="few rounds (< 60 s)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    # tokenwire's default: one core for decoding, one for serving (llama.cpp spins its threads).
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--ctx", type=int, default=4096)
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
             for server in order:
                 base, name = servers[server]
-                runs[server].append(one_stream(base, name, max_tokens))
+                runs[server].append(one_stream(base, name, max_tokens, f"{round_index}-{server}"))
     engine = engine_rate(model, args.threads, args.ctx, max_tokens, max(2, rounds // 2))
 
     summary = {name: summarize(r) for name, r in runs.items()}
