@@ -289,3 +289,37 @@ async def test_appends_survive_a_flushed_script_cache(
     events = await collect(b, meta.id)
     assert [e.seq for e in events] == [0, 1, 2]
     assert [getattr(e, "text", None) for e in events] == ["before", "after", None]
+
+
+async def test_a_cancelled_reader_stops_whenever_the_cancel_lands(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    """Regression: redis-py absorbed cancellations landing mid-command, so a reader whose
+    client had left read on for ever and kept its stream alive past the disconnect grace."""
+    import random
+
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    await a.append(meta.id, TextDelta(text="x"))
+
+    async def produce() -> None:
+        while True:
+            await a.append(meta.id, TextDelta(text="y"))
+            await asyncio.sleep(0.003)
+
+    async def read_forever() -> None:
+        async for _ in b.read(meta.id):
+            pass
+
+    producer = asyncio.create_task(produce())
+    rng = random.Random(3)
+    try:
+        for _ in range(60):
+            reader = asyncio.create_task(read_forever())
+            await asyncio.sleep(rng.uniform(0, 0.02))
+            reader.cancel()
+            done, _ = await asyncio.wait({reader}, timeout=2.0)
+            assert done, "a cancelled reader went on reading"
+    finally:
+        producer.cancel()

@@ -193,9 +193,13 @@ def test_grace_zero_stops_at_the_disconnect(server: RunningServer) -> None:
             client, "POST", "/v1/streams", body={**LONG, "max_tokens": 3000}, cut_after=400
         )
         last = _events(first)[-1]["seq"]
+        # Come back a little later: a resume that arrives before the server noticed the
+        # drop is a reader, and rightly keeps the stream going.
+        time.sleep(1.0)
         rest = read_segment(client, "GET", f"/v1/streams/{first.stream_id}?after={last}")
     events = _events(rest)
-    assert events[-1]["type"] == "stream.cancelled" and events[-1]["reason"] == "disconnect"
+    assert events[-1]["type"] == "stream.cancelled", (len(events), events[-3:])
+    assert events[-1]["reason"] == "disconnect"
     assert len([e for e in events if e["type"] == "text.delta"]) <= 5
 
 
