@@ -21,7 +21,9 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon and a kn
 
 @pytest.fixture(scope="module")
 def ws_server() -> Iterator[RunningServer]:
-    with tokenwire_server("--disconnect-grace", "20", "--heartbeat", "1", "--threads", "1") as running:
+    with tokenwire_server(
+        "--disconnect-grace", "20", "--heartbeat", "1", "--threads", "1"
+    ) as running:
         yield running
 
 

@@ -96,7 +96,7 @@ def redis_server() -> Iterator[RedisServer]:
             str(directory),
             "--daemonize",
             "no",
-        ],  # fmt: skip
+        ],
         stdout=(directory / "redis.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
