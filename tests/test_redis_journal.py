@@ -323,3 +323,36 @@ async def test_a_cancelled_reader_stops_whenever_the_cancel_lands(
             assert done, "a cancelled reader went on reading"
     finally:
         producer.cancel()
+
+
+async def test_a_reader_survives_its_connection_being_dropped(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """The reader's Redis connection is killed mid-stream: it reconnects and goes on from
+    where it was, no gap, no duplicate."""
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    seen: list[int] = []
+
+    async def read_all() -> None:
+        async for event in b.read(meta.id):
+            seen.append(event.seq)
+
+    reader = asyncio.create_task(read_all())
+    for i in range(30):
+        await a.append(meta.id, TextDelta(text=str(i)))
+        await asyncio.sleep(0.01)
+        if i in (10, 20):
+            await asyncio.sleep(0.05)  # the reader now blocks in XREAD
+            killed = [
+                line.split()[0].split("=")[1]
+                for line in redis.cli("CLIENT", "LIST").splitlines()
+                if "cmd=xread" in line
+            ]
+            assert killed
+            for client_id in killed:
+                redis.cli("CLIENT", "KILL", "ID", client_id)
+    await a.append(meta.id, StreamCompleted())
+    await asyncio.wait_for(reader, 20)
+    assert seen == list(range(31))

@@ -52,6 +52,10 @@ class StreamObserver(Protocol):
     def stream_ended(self, stream_id: str, terminal: Event | None) -> None: ...
 
 
+#: How long a new stream waits for its first reader before the disconnect policy applies.
+_FIRST_READER_WAIT = 5.0
+
+
 def new_stream_id() -> str:
     """128 random bits, URL-safe: unguessable, so a stream id is a capability."""
     return secrets.token_urlsafe(16)
@@ -167,6 +171,12 @@ class StreamManager:
             # The caller went away while we waited for acceptance: nobody will read.
             self._cancel_local(meta.id, "disconnect")
             raise
+        if producing.readers == 0 and not producing.done and producing.grace_timer is None:
+            # A caller that vanishes before its reader starts (between the response headers
+            # and the first read) never "leaves"; the first reader cancels this timer.
+            producing.grace_timer = asyncio.get_running_loop().call_later(
+                max(self.disconnect_grace, _FIRST_READER_WAIT), self._grace_over, meta.id, producing
+            )
         return meta
 
     def _events(

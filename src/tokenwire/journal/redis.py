@@ -100,6 +100,9 @@ redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 return n
 """
 
+#: Seconds a reader keeps retrying while Redis is unreachable before it gives up.
+_READ_RETRY_WINDOW = 15.0
+
 #: Events a stream may have queued before ``append`` waits for Redis (backpressure).
 _MAX_PENDING = 1024
 
@@ -417,20 +420,33 @@ class RedisJournal(Journal):
         last = max(after, -1)
         block_ms = max(1, int(self.heartbeat * 1000))
         present_until = 0.0
+        failing_since: float | None = None
         try:
             while True:
-                with _translated("reading a stream"):
-                    now = time.time()
-                    if now + self.heartbeat >= present_until:
-                        present_until = now + 3 * self.heartbeat
-                        await _guarded(self._hold_presence(readers_key, reader, present_until))
-                    response = await _guarded(
-                        self._redis.xread(
-                            {events_key: f"0-{last + 1}"},
-                            count=self.read_batch,
-                            block=None if done else block_ms,
+                try:
+                    with _translated("reading a stream"):
+                        now = time.time()
+                        if now + self.heartbeat >= present_until:
+                            present_until = now + 3 * self.heartbeat
+                            await _guarded(self._hold_presence(readers_key, reader, present_until))
+                        response = await _guarded(
+                            self._redis.xread(
+                                {events_key: f"0-{last + 1}"},
+                                count=self.read_batch,
+                                block=None if done else block_ms,
+                            )
                         )
-                    )
+                except JournalError:
+                    # Redis restarting or a connection dropped: the reader knows its
+                    # position, so it retries for a while rather than break the client's
+                    # stream; the stream's own end (failed, if events were lost) follows.
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > _READ_RETRY_WINDOW:
+                        raise
+                    present_until = 0.0
+                    await asyncio.sleep(min(0.1 * 2 ** int(time.monotonic() - failing_since), 1.0))
+                    continue
+                failing_since = None
                 if response:
                     for entry_id, fields in response[0][1]:
                         event = _decode(entry_id, fields)
