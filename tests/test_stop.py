@@ -23,10 +23,12 @@ def run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
 
 
 def expected(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stops if s and s in text]
-    if not hits:
-        return text, False
-    return text[: min(hits)], True
+    """Reference: the text before the stop that is completed first (earliest end)."""
+    for end in range(1, len(text) + 1):
+        starts = [end - len(s) for s in stops if s and text[:end].endswith(s)]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
 
 
 def splits(text: str, cuts: list[int]) -> list[str]:
@@ -56,6 +58,12 @@ def test_stop_split_across_tokens_is_never_emitted() -> None:
     matcher = StopMatcher(["STOP"])
     assert matcher.feed("one ST") == ("one ", False)
     assert matcher.feed("OP two") == ("", True)
+
+
+def test_the_first_completed_stop_wins_whatever_the_split() -> None:
+    # "b" completes before "<ba" does: stop there, in one piece or token by token.
+    assert run(["<baa"], ["b", "<ba"]) == ("<", True)
+    assert run(["<", "b", "a", "a"], ["b", "<ba"]) == ("<", True)
 
 
 def test_no_stops_passes_text_through() -> None:

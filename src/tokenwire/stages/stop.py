@@ -27,14 +27,19 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        first = -1
+        # Generation stops where a stop sequence is first *completed* (the earliest end),
+        # so the result does not depend on how the text was split into tokens.
+        cut_end = cut_start = -1
         for stop in self.stops:
             index = buffer.find(stop)
-            if index != -1 and (first == -1 or index < first):
-                first = index
-        if first != -1:
+            if index == -1:
+                continue
+            end = index + len(stop)
+            if cut_end == -1 or end < cut_end or (end == cut_end and index < cut_start):
+                cut_end, cut_start = end, index
+        if cut_end != -1:
             self._held = ""
-            return buffer[:first], True
+            return buffer[:cut_start], True
         hold = self._holdback(buffer)
         self._held = buffer[len(buffer) - hold :] if hold else ""
         return buffer[: len(buffer) - hold], False
