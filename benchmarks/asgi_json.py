@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,16 +30,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from _common import free_port
+
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 TOKENS_ENV = "ASGI_BENCH_TOKENS"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def granian_app() -> Any:

@@ -33,7 +33,6 @@ import codecs
 import json
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from _common import free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ["the", " lighthouse", " keeper", " watched", " ships", ",", " and", " naïve", " 日本", "."]
@@ -238,13 +239,6 @@ READERS: dict[str, Callable[[str], int]] = {
     "openai": read_openai,
     "httpx-sse": read_httpx_sse,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def running_server(count: int) -> Iterator[str]:

@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,10 @@ from typing import Any
 
 import httpx
 
+from _common import free_port, percentile
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_healthy(url: str, timeout: float = 120) -> None:
@@ -65,14 +59,6 @@ def process(args: list[str], health: str):  # type: ignore[no-untyped-def]
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def one_stream(base: str, model: str, max_tokens: int, tag: str = "") -> dict[str, Any]:

@@ -29,7 +29,6 @@ import gc
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -37,14 +36,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from _common import free_port, percentile
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def raise_fd_limit() -> int:
@@ -59,13 +53,6 @@ def rss_kb(pid: int | str = "self") -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 # -- server side -----------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,18 +39,13 @@ from typing import Any
 
 import httpx
 
+from _common import free_port, percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 UPSTREAM = ROOT / "tests" / "fault_upstream.py"
 STAMP = re.compile(rb"(\d+)@(\d+)@")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -113,13 +107,6 @@ def set_realtime(pids: list[int], on: bool) -> None:
             for tid in [int(task.name), *children]:
                 with suppress(PermissionError, ProcessLookupError):
                     os.sched_setscheduler(tid, policy, param)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 # -- the client ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 
+from _common import free_port
 from tokenwire.events import StreamCompleted, StreamStarted, TextDelta
 from tokenwire.journal import MemoryJournal, StreamMeta
 from tokenwire.journal.base import Journal
@@ -42,13 +43,6 @@ from tokenwire.journal.redis import RedisJournal
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = [{"role": "user", "content": "Count from 1 to 5000, separated by commas."}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
