@@ -33,6 +33,10 @@ __all__ = [
 ]
 
 
+#: Field names of each event class, in order (filled by ``Event.to_dict``).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 @dataclass(slots=True, kw_only=True)
 class Event:
     """Base of all events. ``seq`` is -1 until the journal assigns it."""
@@ -44,9 +48,13 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         """The event as plain JSON-able data: ``{"type", "seq", …fields}``."""
+        cls = type(self)
+        names = _FIELD_NAMES.get(cls)
+        if names is None:  # dataclasses.fields() is slow for a per-token path: once per class
+            names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(self))
         data: dict[str, Any] = {"type": self.type}
-        for f in dataclasses.fields(self):
-            data[f.name] = getattr(self, f.name)
+        for name in names:
+            data[name] = getattr(self, name)
         return data
 
 

@@ -67,6 +67,12 @@ class Journal(abc.ABC):
     def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
         """Replay events with ``seq > after``, then follow live until the terminal event."""
 
+    async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
+        """As ``read``, but each item is every event already stored (in order), so a
+        reader can write them in one send; journals that cannot tell yield one at a time."""
+        async for event in self.read(stream_id, after):
+            yield [event]
+
     @abc.abstractmethod
     async def meta(self, stream_id: str) -> StreamMeta:
         """The stream's metadata; raises ``StreamNotFound`` or ``StreamExpired``."""

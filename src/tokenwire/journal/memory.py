@@ -23,6 +23,9 @@ from tokenwire.journal.base import Journal, StreamMeta
 
 __all__ = ["MemoryJournal"]
 
+#: Most events ``read_batches`` hands out at once.
+_BATCH = 256
+
 
 class _Log:
     __slots__ = ("_changed", "events", "finished_at", "meta", "size")
@@ -110,6 +113,22 @@ class MemoryJournal(Journal):
                 return  # resumed after the terminal event: nothing more will come
             # Shielded: readers share the future, and a reader that is cancelled (its client
             # left) would otherwise cancel it for every other reader of the stream.
+            await asyncio.shield(log.changed())
+
+    async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
+        log = self._log(stream_id)
+        index = max(after + 1, 0)
+        while True:
+            events = log.events
+            while index < len(events):
+                # Bounded, so a long replay is not one huge write.
+                batch = events[index : index + _BATCH]
+                index += len(batch)
+                yield batch
+                if batch[-1].terminal:
+                    return
+            if log.finished_at is not None:
+                return
             await asyncio.shield(log.changed())
 
     async def meta(self, stream_id: str) -> StreamMeta:

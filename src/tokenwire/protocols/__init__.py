@@ -6,6 +6,7 @@ so a resume renders the rest of it the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from tokenwire.events import Event
@@ -16,7 +17,7 @@ __all__ = ["Renderer", "renderer_for"]
 
 
 class Renderer(Protocol):
-    def render(self, event: Event) -> list[dict[str, Any] | str]: ...
+    def render(self, event: Event) -> Sequence[dict[str, Any] | str | bytes]: ...
 
 
 _RENDERERS: dict[str, type] = {

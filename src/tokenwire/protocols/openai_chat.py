@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tokenwire.errors import InvalidRequest, TokenwireError, error_from_dict
@@ -291,6 +292,10 @@ class Renderer:
         }
         self._usage: Usage | None = None
         self._tool_calls = False
+        # A text chunk is the same JSON but for its content: encode the rest once, splice.
+        head, _, tail = orjson.dumps(self._chunk({"content": ""})).rpartition(b'"content":""')
+        self._text_head = head + b'"content":'
+        self._text_tail = tail
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {
@@ -300,10 +305,11 @@ class Renderer:
             ],
         }
 
-    def render(self, event: Event) -> list[dict[str, Any] | str]:
-        """Payloads (JSON-able dicts, or the ``[DONE]`` string) for one event."""
+    def render(self, event: Event) -> list[dict[str, Any] | str | bytes]:
+        """Payloads (JSON-able dicts, encoded JSON bytes, or the ``[DONE]`` string) for one
+        event."""
         if isinstance(event, TextDelta):
-            return [self._chunk({"content": event.text})]
+            return [self._text_head + orjson.dumps(event.text) + self._text_tail]
         if isinstance(event, StreamStarted):
             return [self._chunk({"role": "assistant", "content": ""})]
         if isinstance(event, ToolCallStarted):
@@ -323,7 +329,7 @@ class Renderer:
             return []
         if isinstance(event, StreamCompleted | StreamCancelled):
             reason = event.finish_reason if isinstance(event, StreamCompleted) else "stop"
-            out: list[dict[str, Any] | str] = [self._chunk({}, reason)]
+            out: list[dict[str, Any] | str | bytes] = [self._chunk({}, reason)]
             if self.include_usage and self._usage is not None:
                 out.append({**self._base, "choices": [], "usage": usage_dict(self._usage)})
             out.append(DONE)

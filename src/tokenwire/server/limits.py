@@ -21,7 +21,7 @@ import orjson
 
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import Overloaded, StreamTooLarge
-from tokenwire.events import Event
+from tokenwire.events import Event, TextDelta
 from tokenwire.requests import ChatRequest
 from tokenwire.streams import Stage
 
@@ -30,7 +30,14 @@ __all__ = ["check_concurrency", "clamp_max_tokens", "event_size", "stream_size_s
 
 def event_size(event: Event) -> int:
     """Bytes an event takes in a journal (its JSON form)."""
+    if type(event) is TextDelta:
+        # The per-token case, without building the dict: the same bytes as below.
+        return _TEXT_DELTA_SIZE + len(str(event.seq)) + len(orjson.dumps(event.text))
     return len(orjson.dumps(event.to_dict()))
+
+
+#: ``{"type":"text.delta","seq":,"text":}`` around a TextDelta's seq and text.
+_TEXT_DELTA_SIZE = len(b'{"type":"text.delta","seq":,"text":}')
 
 
 def clamp_max_tokens(request: ChatRequest, limit: int) -> None:

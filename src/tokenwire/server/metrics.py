@@ -56,6 +56,7 @@ class Metrics:
             "tokenwire_tokens_out", "Completion tokens generated (from usage).", registry=r
         )
         self.deltas = Counter("tokenwire_deltas", "Text delta events appended.", registry=r)
+        self._deltas = 0  # not yet added to ``deltas``
         self.streams = Counter(
             "tokenwire_streams", "Streams ended, by outcome.", ["outcome"], registry=r
         )
@@ -104,7 +105,14 @@ class Metrics:
         self.journal_events.set_function(lambda: journal_stats().get("events", 0))
 
     def render(self) -> bytes:
+        self._flush_deltas()
         return generate_latest(self.registry)
+
+    def _flush_deltas(self) -> None:
+        # Counted in a plain int per token (prometheus' inc takes a lock), added here.
+        if self._deltas:
+            self.deltas.inc(self._deltas)
+            self._deltas = 0
 
     # -- StreamObserver ---------------------------------------------------------------------
 
@@ -122,12 +130,13 @@ class Metrics:
             else:
                 self.ttft.observe(now - clock[0])
             clock[1] = now
-            self.deltas.inc()
+            self._deltas += 1
         elif type(event) is Usage:
             self.tokens_out.inc(event.completion_tokens)
 
     def stream_ended(self, stream_id: str, terminal: Event | None) -> None:
         self._clocks.pop(stream_id, None)
+        self._flush_deltas()
         if isinstance(terminal, StreamCancelled):
             self.streams.labels("cancelled").inc()
             self.cancels.labels(terminal.reason).inc()

@@ -34,14 +34,20 @@ STREAM_HEADERS = {
 
 
 def encode(
-    payload: Mapping[str, Any] | str,
+    payload: Mapping[str, Any] | str | bytes,
     *,
     id: int | None = None,
     event: str | None = None,
     retry_ms: int | None = None,
 ) -> bytes:
-    """One SSE message. Dicts become compact JSON; strings (``[DONE]``) are sent as is."""
-    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    """One SSE message. Dicts become compact JSON; strings (``[DONE]``) and bytes (JSON a
+    renderer encoded itself, one line) are sent as is."""
+    if isinstance(payload, bytes):
+        data = payload
+    elif isinstance(payload, str):
+        data = payload.encode()
+    else:
+        data = orjson.dumps(payload)
     head = b""
     if event is not None:
         head += b"event: " + event.encode() + b"\n"
