@@ -86,29 +86,8 @@ def build_request(
     protocol: ProtocolName, model: str, messages: list[dict[str, Any]], params: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
     """``(path, json body)`` that starts a stream in ``protocol``."""
-    if protocol == "native":
-        return "/v1/streams", {"model": model, "messages": messages, **params}
-    if protocol == "openai":
-        body = {"model": model, "messages": messages, **params, "stream": True}
-        body.setdefault("stream_options", {"include_usage": True})
-        return "/v1/chat/completions", body
-    system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
-    rest = [m for m in messages if m.get("role") != "system"]
-    params = dict(params)
-    body = {"model": model, "messages": rest, "max_tokens": params.pop("max_tokens", 1024)}
-    if system:
-        body["system"] = "\n\n".join(system)
-    stop = params.pop("stop", None)
-    if stop is not None:
-        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    params.pop("seed", None)  # Anthropic has no seed
-    if params.get("tools"):
-        params["tools"] = [_anthropic_tool(tool) for tool in params["tools"]]
-    if "tool_choice" in params:
-        params["tool_choice"] = _anthropic_tool_choice(params["tool_choice"])
-    body.update(params)
-    body["stream"] = True
-    return "/v1/messages", body
+    mapper = _mapper_class(protocol)
+    return mapper.path, mapper.request_body(model, messages, params)
 
 
 def _anthropic_tool(tool: Any) -> Any:
@@ -135,20 +114,29 @@ def _anthropic_tool_choice(choice: Any) -> Any:
 
 
 def auth_headers(protocol: ProtocolName, api_key: str | None) -> dict[str, str]:
-    headers = {"accept": "text/event-stream"}
-    if protocol == "anthropic":
-        headers["anthropic-version"] = "2023-06-01"
-        if api_key:
-            headers["x-api-key"] = api_key
-    elif api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    return headers
+    return _mapper_class(protocol).headers(api_key)
 
 
 class Mapper:
-    """Turns one stream's SSE events into tokenwire events."""
+    """One wire protocol, client side: how to start a stream, and turning its SSE events
+    into tokenwire events."""
 
     protocol: ProtocolName = "native"
+    #: Where a stream of this protocol starts.
+    path = "/v1/streams"
+
+    @staticmethod
+    def request_body(
+        model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {"model": model, "messages": messages, **params}
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        headers = {"accept": "text/event-stream"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        return headers
 
     def __init__(self) -> None:
         self._count = -1
@@ -191,6 +179,15 @@ class NativeMapper(Mapper):
 
 class OpenAIMapper(Mapper):
     protocol: ProtocolName = "openai"
+    path = "/v1/chat/completions"
+
+    @staticmethod
+    def request_body(
+        model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = {"model": model, "messages": messages, **params, "stream": True}
+        body.setdefault("stream_options", {"include_usage": True})
+        return body
 
     def __init__(self) -> None:
         super().__init__()
@@ -297,6 +294,36 @@ _ANTHROPIC_REASONS = {
 
 class AnthropicMapper(Mapper):
     protocol: ProtocolName = "anthropic"
+    path = "/v1/messages"
+
+    @staticmethod
+    def request_body(
+        model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+        rest = [m for m in messages if m.get("role") != "system"]
+        params = dict(params)
+        body = {"model": model, "messages": rest, "max_tokens": params.pop("max_tokens", 1024)}
+        if system:
+            body["system"] = "\n\n".join(system)
+        stop = params.pop("stop", None)
+        if stop is not None:
+            body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        params.pop("seed", None)  # Anthropic has no seed
+        if params.get("tools"):
+            params["tools"] = [_anthropic_tool(tool) for tool in params["tools"]]
+        if "tool_choice" in params:
+            params["tool_choice"] = _anthropic_tool_choice(params["tool_choice"])
+        body.update(params)
+        body["stream"] = True
+        return body
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        headers = {"accept": "text/event-stream", "anthropic-version": "2023-06-01"}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
 
     def __init__(self) -> None:
         super().__init__()
@@ -415,8 +442,12 @@ _MAPPERS: dict[str, type[Mapper]] = {
 
 
 def mapper_for(protocol: str) -> Mapper:
+    return _mapper_class(protocol)()
+
+
+def _mapper_class(protocol: str) -> type[Mapper]:
     try:
-        return _MAPPERS[protocol]()
+        return _MAPPERS[protocol]
     except KeyError:
         raise ValueError(
             f"unknown protocol {protocol!r}: use one of {', '.join(sorted(_MAPPERS))}"
