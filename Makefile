@@ -45,11 +45,14 @@ test: install-dev system-deps lint
 
 # LiteLLM's proxy, the relay benchmark's peer, in its own venv (its openai pin clashes with
 # the dev tools'); the list is pyproject's `bench` extra.
-bench-env:
+.venv-bench/.installed:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install -q 'litellm[proxy]>=1.50' 'py-spy>=0.3'
+	@touch $@
 
-bench: install-dev system-deps
+bench-env: .venv-bench/.installed
+
+bench: install-dev system-deps bench-env
 	$(PY) benchmarks/run_all.py
 
 clean:
