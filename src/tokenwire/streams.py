@@ -20,7 +20,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tokenwire.backends.base import Backend
@@ -71,13 +71,6 @@ class _Producing:
     grace_timer: asyncio.TimerHandle | None = None
     done: bool = False
     owner: str | None = None
-
-
-@dataclass(slots=True)
-class _Accepted:
-    future: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
 
 
 class StreamManager:
@@ -159,14 +152,14 @@ class StreamManager:
             render=dict(render or {}),
         )
         producing = _Producing(cancel=CancelToken(), owner=owner)
-        accepted = _Accepted()
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(
-            self._produce(meta, request, backend, producing, accepted.future),
+            self._produce(meta, request, backend, producing, accepted),
             name=f"tokenwire-produce-{meta.id}",
         )
         try:
-            await asyncio.shield(accepted.future)
+            await asyncio.shield(accepted)
         except asyncio.CancelledError:
             # The caller went away while we waited for acceptance: nobody will read.
             self._cancel_local(meta.id, "disconnect")
