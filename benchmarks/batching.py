@@ -78,8 +78,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from tokenwire.backends.llamacpp import LlamaCppBackend
 
     backends = {
-        "batched": LlamaCppBackend(parallel=8, n_threads=args.threads, requantize=args.requantize),
-        "serial": LlamaCppBackend(parallel=1, n_threads=args.threads, requantize=args.requantize),
+        name: LlamaCppBackend(
+            parallel=parallel,
+            n_threads=args.threads,
+            n_threads_batch=args.threads_batch,
+            requantize=args.requantize,
+        )
+        for name, parallel in (("batched", 8), ("serial", 1))
     }
     for backend in backends.values():
         await backend.start()
@@ -109,6 +114,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             await backend.close()
     summary: dict[str, Any] = {
         "threads": args.threads,
+        "threads_batch": args.threads_batch,
         "requantize": args.requantize,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
@@ -144,7 +150,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Continuous batching: embedded model, 1 vs N concurrent streams",
         "",
-        f"{os.cpu_count()} cores, {result['threads']} decode thread(s), weights "
+        f"{os.cpu_count()} cores, {result['threads']} decode thread(s) for one-token steps, "
+        f"{result.get('threads_batch', result['threads'])} for batched steps and prefill, weights "
         f"{'re-quantized to ' + result['requantize'] if result['requantize'] else 'as shipped'}, "
         f"{result['max_tokens']} tokens per stream, seeded sampling, median of "
         f"{result['rounds']} interleaved rounds.",
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=None, help="default: the server's")
+    parser.add_argument("--threads-batch", type=int, default=None, help="default: the server's")
     parser.add_argument("--requantize", help="q4_0 / q8_0: re-quantized weights (--requantize)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.rounds, args.max_tokens = 1, 12
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 2) - 1)
+    if args.threads_batch is None:
+        args.threads_batch = os.cpu_count() or 1
     result = asyncio.run(measure(args))
     stem = "batching_smoke" if args.smoke else "batching_quick" if args.quick else "batching"
     if args.requantize:

@@ -185,3 +185,39 @@ async def test_streams_keep_their_solo_text_when_a_lower_sequence_leaves(
     results = await asyncio.wait_for(asyncio.gather(*runs), 60)
     assert results[0][-1][1].type == "usage"  # cancelled: no stream.completed
     assert [text_of(events) for events in results[1:]] == solo
+
+
+async def test_grammar_checks_the_pick_and_masks_only_on_rejection(
+    backend: LlamaCppBackend,
+) -> None:
+    """Constrained sampling checks the chain's pick against the grammar and masks the whole
+    vocabulary only when the grammar refuses it. A schema the model would never follow by
+    itself forces refusals, and every seeded stream still gives schema-valid JSON, batched."""
+    import json
+
+    from tokenwire.requests import ResponseFormat
+
+    schema = {
+        "type": "object",
+        "properties": {"code": {"enum": ["zq-17", "xv-99"]}, "n": {"type": "integer"}},
+        "required": ["code", "n"],
+        "additionalProperties": False,
+    }
+    engine = backend._engine
+    assert engine is not None
+    before = engine.grammar_rejections
+
+    async def constrained(seed: int) -> str:
+        chat = request("Tell me about the sea.", max_tokens=48, temperature=0.9, seed=seed)
+        chat.response_format = ResponseFormat(type="json_schema", schema=schema)
+        parts = []
+        async for event in backend.stream(chat, CancelToken()):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+        return "".join(parts)
+
+    texts = await asyncio.wait_for(asyncio.gather(*(constrained(s) for s in (1, 2, 3))), 120)
+    for text in texts:
+        value = json.loads(text)
+        assert value["code"] in ("zq-17", "xv-99") and isinstance(value["n"], int)
+    assert engine.grammar_rejections > before

@@ -28,6 +28,8 @@ class Settings:
     chat_template: str | None = None
     ctx: int = 4096
     threads: int | None = None
+    #: Threads for steps of several tokens (batched decode, prefill); None: all cores.
+    threads_batch: int | None = None
     #: Requests waiting for the embedded model beyond this answer 429.
     max_queue: int = 64
     heartbeat: float = 15.0
@@ -128,7 +130,7 @@ def _coerce(name: str, raw: str) -> Any:
         return [part.strip() for part in raw.split(",") if part.strip()]
     if name == "guard":  # regexes may contain commas
         return [line for line in raw.splitlines() if line.strip()]
-    if name == "threads":
+    if name in ("threads", "threads_batch"):
         return int(raw)
     if kind is bool:
         return raw.strip().lower() in {"1", "true", "yes", "on"}

@@ -14,7 +14,10 @@ disconnect end decoding within one token and free the sequence's KV cells at onc
 
 Sampling: each sequence has its own llama.cpp sampler chain (greedy at temperature 0, else
 top-k 40, top-p, min-p 0.05, temperature, and a ``dist`` sampler seeded with the request's
-``seed``), plus the request's grammar (JSON / tool calls, ``grammar.py``). A fixed seed gives
+``seed``). A request's grammar (JSON / tool calls, ``grammar.py``) is checked against the
+token the chain picked, and applied to the whole vocabulary only when it rejects that token
+(as llama.cpp's own server does): the same distribution, at a fraction of the cost of masking
+49k candidates every step. A fixed seed gives
 the same text alone or batched with others in our measurements (tests/test_batching.py),
 but this is not a hard guarantee: a batch of different size can change the float summation
 order in llama.cpp's kernels, and a near-tie between two tokens may then flip.
@@ -30,6 +33,7 @@ import asyncio
 import codecs
 import collections
 import contextlib
+import ctypes
 import heapq
 import importlib.metadata
 import logging
@@ -167,6 +171,7 @@ class _Sequence:
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.sampler: Any = None
+        self.grammar_sampler: Any = None  # a llama_sampler pointer, outside the chain
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(request.sampling.stop)
 
@@ -189,7 +194,14 @@ class _BatchEngine:
     """
 
     def __init__(
-        self, llama: Any, *, n_parallel: int, n_ctx: int, prefill_chunk: int, n_threads: int
+        self,
+        llama: Any,
+        *,
+        n_parallel: int,
+        n_ctx: int,
+        prefill_chunk: int,
+        n_threads: int,
+        n_threads_batch: int,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -209,7 +221,8 @@ class _BatchEngine:
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_parallel
         params.n_threads = n_threads
-        params.n_threads_batch = n_threads
+        # llama.cpp uses n_threads for one-token steps, n_threads_batch for the rest.
+        params.n_threads_batch = n_threads_batch
         # One KV stream per sequence (not one unified pool): each sequence's cells stay
         # contiguous, as when it decodes alone, so batching does not change the float
         # summation order of attention and a seeded stream gives the same text batched or
@@ -237,6 +250,28 @@ class _BatchEngine:
             for token in range(self.n_vocab)
             if llama_cpp.llama_vocab_is_eog(self.vocab, token)
         )
+        # Constrained sampling (_sample_constrained): one candidate array over the whole
+        # vocabulary, filled from the logits with numpy, and a one-token array for the check.
+        import numpy
+
+        self._np: Any = numpy
+        self._candidates_data = (llama_cpp.llama_token_data * self.n_vocab)()
+        self._candidates_view: Any = numpy.frombuffer(
+            self._candidates_data, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]
+        )
+        self._token_ids = numpy.arange(self.n_vocab, dtype=numpy.int32)
+        self._candidates = llama_cpp.llama_token_data_array(
+            data=self._candidates_data, size=self.n_vocab, selected=-1, sorted=False
+        )
+        self._candidates_ref = ctypes.byref(self._candidates)
+        self._single_data = (llama_cpp.llama_token_data * 1)()
+        self._single = llama_cpp.llama_token_data_array(
+            data=self._single_data, size=1, selected=-1, sorted=False
+        )
+        self._single_ref = ctypes.byref(self._single)
+        self._single_view: Any = self._np.frombuffer(
+            self._single_data, dtype=self._candidates_view.dtype
+        )
         self._free_ids = list(range(n_parallel))  # a heap: the lowest free id first
         bos = llama.token_bos()
         self.filler_token = bos if bos >= 0 else 0
@@ -248,6 +283,7 @@ class _BatchEngine:
         # not one per token per stream.
         self._outbox: list[tuple[_Sequence, object]] = []
         self.steps = 0
+        self.grammar_rejections = 0  # picks the grammar refused (then masked and resampled)
         self._thread = threading.Thread(target=self._run, name="tokenwire-decode", daemon=True)
         self._thread.start()
 
@@ -330,7 +366,11 @@ class _BatchEngine:
                 penalty_present=params.presence_penalty,
             )
         if sequence.grammar is not None:
-            chain.add_grammar(self.llama._model, sequence.grammar)
+            sequence.grammar_sampler = self._lib.llama_sampler_init_grammar(
+                self.vocab,
+                sequence.grammar._grammar.encode("utf-8"),
+                sequence.grammar._root.encode("utf-8"),
+            )
         if params.temperature == 0:
             chain.add_greedy()
         else:
@@ -342,6 +382,41 @@ class _BatchEngine:
             chain.add_dist(seed & 0xFFFFFFFF)
         return chain
 
+    def _sample_constrained(self, sequence: _Sequence, index: int) -> int:
+        """Sample with the grammar: the chain's pick if the grammar accepts it, else the
+        chain's pick among the tokens the grammar allows (llama.cpp's common sampler)."""
+        lib = self._lib
+        chain = sequence.sampler.sampler
+        candidates = self._candidates
+        view = self._candidates_view
+        logits = self._np.ctypeslib.as_array(
+            lib.llama_get_logits_ith(self.context.ctx, index), shape=(self.n_vocab,)
+        )
+        view["id"] = self._token_ids  # samplers sort and truncate the array in place
+        view["logit"] = logits
+        view["p"] = 0.0
+        candidates.size, candidates.selected, candidates.sorted = self.n_vocab, -1, False
+        lib.llama_sampler_apply(chain, self._candidates_ref)
+        token = int(view["id"][candidates.selected])
+        single = self._single
+        single.size, single.selected, single.sorted = 1, -1, False
+        checked = self._single_view
+        checked["id"], checked["logit"] = token, 1.0
+        lib.llama_sampler_apply(sequence.grammar_sampler, self._single_ref)
+        if checked["logit"][0] == float("-inf"):  # rejected: mask the vocabulary, pick again
+            view["id"] = self._token_ids
+            view["logit"] = logits
+            view["p"] = 0.0
+            candidates.size, candidates.selected, candidates.sorted = self.n_vocab, -1, False
+            self.grammar_rejections += 1
+            lib.llama_sampler_apply(sequence.grammar_sampler, self._candidates_ref)
+            lib.llama_sampler_apply(chain, self._candidates_ref)
+            token = int(view["id"][candidates.selected])
+        if token not in self.eog:  # the grammar has no state to advance past the end
+            lib.llama_sampler_accept(sequence.grammar_sampler, token)
+        lib.llama_sampler_accept(chain, token)
+        return token
+
     def _release(self, sequence: _Sequence) -> None:
         if sequence.seq_id >= 0:
             self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
@@ -350,6 +425,9 @@ class _BatchEngine:
         if sequence.sampler is not None:
             sequence.sampler.close()
             sequence.sampler = None
+        if sequence.grammar_sampler is not None:
+            self._lib.llama_sampler_free(sequence.grammar_sampler)
+            sequence.grammar_sampler = None
         self._emit(sequence, _RELEASED)
 
     def _finish(
@@ -447,7 +525,10 @@ class _BatchEngine:
         sample = self._lib.llama_sampler_sample
         ctx = self.context.ctx
         for sequence, index in outputs:
-            token = sample(sequence.sampler.sampler, ctx, index)
+            if sequence.grammar_sampler is None:
+                token = sample(sequence.sampler.sampler, ctx, index)
+            else:
+                token = self._sample_constrained(sequence, index)
             if sequence.first_token_at is None:
                 sequence.first_token_at = time.perf_counter()
             if sequence.should_stop():
@@ -479,6 +560,7 @@ class LlamaCppBackend(Backend):
         chat_template: str | None = None,
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         max_queue: int = 64,
         warmup: bool = True,
         parallel: int = 8,
@@ -494,6 +576,9 @@ class LlamaCppBackend(Backend):
         # at every barrier, and on a busy machine a second decode thread waiting for a
         # descheduled peer made decoding ~10x slower (benchmarks/README.md).
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
+        # Steps of several tokens (batched decode, prefill) are compute-bound: all cores
+        # (benchmarks/README.md, "Continuous batching").
+        self.n_threads_batch = n_threads_batch or os.cpu_count() or 1
         self.warmup = warmup
         self.parallel = max(1, parallel)
         self.prefill_chunk = prefill_chunk
@@ -513,6 +598,7 @@ class LlamaCppBackend(Backend):
             chat_template=template,
             n_ctx=settings.ctx,
             n_threads=settings.threads,
+            n_threads_batch=settings.threads_batch,
             max_queue=settings.max_queue,
             warmup=settings.warmup,
             parallel=settings.parallel,
@@ -581,14 +667,16 @@ class LlamaCppBackend(Backend):
             n_ctx=self.n_ctx,
             prefill_chunk=self.prefill_chunk,
             n_threads=self.n_threads,
+            n_threads_batch=self.n_threads_batch,
         )
         log.info(
-            "embedded model %s loaded in %.1fs (ctx %d, %d parallel, %d threads)",
+            "embedded model %s loaded in %.1fs (ctx %d, %d parallel, %d/%d threads)",
             self.model_path.name,
             time.perf_counter() - started,
             self.n_ctx,
             self.parallel,
             self.n_threads,
+            self.n_threads_batch,
         )
 
     async def close(self) -> None:
