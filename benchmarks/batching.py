@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 2) - 1)
     if args.threads_batch is None:
-        args.threads_batch = os.cpu_count() or 1
+        args.threads_batch = args.threads
     result = asyncio.run(measure(args))
     stem = "batching_smoke" if args.smoke else "batching_quick" if args.quick else "batching"
     if args.requantize:

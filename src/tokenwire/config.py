@@ -28,7 +28,7 @@ class Settings:
     chat_template: str | None = None
     ctx: int = 4096
     threads: int | None = None
-    #: Threads for steps of several tokens (batched decode, prefill); None: all cores.
+    #: Threads for steps of several tokens (batched decode, prefill); None: ``threads``.
     threads_batch: int | None = None
     #: Requests waiting for the embedded model beyond this answer 429.
     max_queue: int = 64

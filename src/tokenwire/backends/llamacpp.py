@@ -576,9 +576,10 @@ class LlamaCppBackend(Backend):
         # at every barrier, and on a busy machine a second decode thread waiting for a
         # descheduled peer made decoding ~10x slower (benchmarks/README.md).
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
-        # Steps of several tokens (batched decode, prefill) are compute-bound: all cores
-        # (benchmarks/README.md, "Continuous batching").
-        self.n_threads_batch = n_threads_batch or os.cpu_count() or 1
+        # Steps of several tokens (batched decode, prefill) gain most from more threads, but
+        # only on cores nobody else needs: on a busy 2-core machine a 2-thread prefill ran
+        # 7-14x slower (benchmarks/README.md). Opt-in, like --threads.
+        self.n_threads_batch = n_threads_batch or self.n_threads
         self.warmup = warmup
         self.parallel = max(1, parallel)
         self.prefill_chunk = prefill_chunk

@@ -27,7 +27,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--ctx", type=int, help="context size of the embedded model")
     parser.add_argument("--threads", type=int, help="one-token decode threads (cores - 1)")
     parser.add_argument(
-        "--threads-batch", type=int, help="threads for batched decode and prefill (all cores)"
+        "--threads-batch", type=int, help="threads for batched decode and prefill (= --threads)"
     )
     parser.add_argument("--max-queue", type=int, help="queued requests before 429")
     parser.add_argument("--config", help="TOML config file")
