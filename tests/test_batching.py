@@ -18,7 +18,7 @@ import pytest
 from tokenwire.backends.llamacpp import LlamaCppBackend
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import Overloaded
-from tokenwire.events import Event, Progress, TextDelta
+from tokenwire.events import Event, Progress, TextDelta, Usage
 from tokenwire.requests import ChatRequest, Message, SamplingParams
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
@@ -221,3 +221,62 @@ async def test_grammar_checks_the_pick_and_masks_only_on_rejection(
         value = json.loads(text)
         assert value["code"] in ("zq-17", "xv-99") and isinstance(value["n"], int)
     assert engine.grammar_rejections > before
+
+
+async def _answer(backend: LlamaCppBackend, messages: list[Message]) -> tuple[str, Usage]:
+    chat = ChatRequest(
+        model="default",
+        messages=messages,
+        sampling=SamplingParams(max_tokens=16, temperature=0.0),
+    )
+    parts: list[str] = []
+    usage: Usage | None = None
+    async for event in backend.stream(chat, CancelToken()):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        elif isinstance(event, Usage):
+            usage = event
+    assert usage is not None
+    return "".join(parts), usage
+
+
+async def test_the_next_turn_reuses_the_conversations_cached_prefix(
+    backend: LlamaCppBackend,
+) -> None:
+    """A finished stream's KV cells stay as a cached prefix: the next turn of the same
+    conversation is prefilled only from where its prompt differs, on the same sequence id
+    or copied from another one, and answers exactly as a cold model does."""
+    system = "You are a terse assistant. " + "Answer in one short sentence. " * 12
+    first = [Message(role="system", content=system), Message(role="user", content="Rain?")]
+    # Turn 1 runs beside a longer stream, so it lands on a higher sequence id; turn 2 then
+    # gets the lowest free id and must copy turn 1's cells from the other id.
+    engine = backend._engine
+    assert engine is not None
+    copies = engine.prefix_copies
+    other = request("Count from one to twenty in words.", max_tokens=40, temperature=0.0)
+    others = backend.stream(other, CancelToken())
+    async for event in others:  # the other stream holds a sequence id before turn 1 joins
+        if isinstance(event, TextDelta):
+            break
+    answer, usage1 = await asyncio.wait_for(_answer(backend, first), 120)
+    async for _ in others:
+        pass
+    second = [
+        *first,
+        Message(role="assistant", content=answer),
+        Message(role="user", content="Snow?"),
+    ]
+    text, usage2 = await asyncio.wait_for(_answer(backend, second), 120)
+    assert usage2.cached_tokens is not None
+    assert usage2.cached_tokens >= usage1.prompt_tokens - 4  # the whole first prompt, or nearly
+    assert usage2.cached_tokens < usage2.prompt_tokens
+    assert engine.prefix_copies == copies + 1
+    cold = LlamaCppBackend(parallel=1, warmup=False)
+    await cold.start()
+    try:
+        cold_text, cold_usage = await asyncio.wait_for(_answer(cold, second), 120)
+    finally:
+        await cold.close()
+    assert cold_usage.cached_tokens == 0
+    assert cold_usage.prompt_tokens == usage2.prompt_tokens
+    assert text == cold_text

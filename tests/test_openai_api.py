@@ -411,3 +411,37 @@ def test_a_raw_socket_client_sees_the_first_bytes_before_generation_ends(
     done = reads[-1][0]
     assert len(reads) > 20
     assert done - first_content > 0.05
+
+
+def test_the_next_turn_reports_its_cached_prompt_tokens(server: RunningServer) -> None:
+    """The embedded model keeps a finished conversation's KV cache: the next turn's usage
+    says how many prompt tokens it reused, in OpenAI's ``prompt_tokens_details``."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    system = {"role": "system", "content": "You are a lighthouse keeper. " * 10}
+    turn = [system, {"role": "user", "content": "What do you see tonight?"}]
+
+    def usage_of(messages: list[dict[str, str]]) -> Any:
+        chunks = list(
+            client.chat.completions.create(
+                model="default",
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                max_tokens=8,
+                temperature=0,
+                stream_options={"include_usage": True},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage
+
+    answer, first = usage_of(turn)
+    follow_up = [
+        *turn,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And?"},
+    ]
+    _, second = usage_of(follow_up)
+    assert second.prompt_tokens > first.prompt_tokens
+    assert second.prompt_tokens_details is not None
+    assert first.prompt_tokens - 4 <= second.prompt_tokens_details.cached_tokens
+    assert second.prompt_tokens_details.cached_tokens < second.prompt_tokens

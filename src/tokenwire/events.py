@@ -133,6 +133,8 @@ class Usage(Event):
     completion_tokens: int
     ttft_ms: float | None = None
     tokens_per_second: float | None = None
+    #: Prompt tokens whose KV cache was reused (the embedded model's prompt cache).
+    cached_tokens: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)

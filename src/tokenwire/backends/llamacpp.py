@@ -132,6 +132,7 @@ class _Finished:
     completion_tokens: int
     ttft_ms: float | None
     decode_seconds: float
+    cached_tokens: int = 0
 
 
 _Item = str | _Finished | BaseException
@@ -166,6 +167,7 @@ class _Sequence:
         self.seq_id = -1
         self.fed = 0  # prompt tokens already in the KV cache
         self.n_past = 0  # positions this sequence holds in the KV cache
+        self.cached = 0  # prompt tokens whose KV cells a finished stream left behind
         self.next_token = -1  # sampled, to be fed in the next step
         self.completed = 0
         self.submitted = time.perf_counter()
@@ -189,9 +191,13 @@ class _BatchEngine:
     Each step builds one ``llama_batch``: the next token of every decoding sequence plus up
     to ``prefill_chunk`` prompt tokens of sequences still prefilling (oldest first), then
     calls ``llama_decode`` once and samples each sequence that produced logits with its own
-    sampler chain. Sequences join and leave between steps; a stopped sequence's KV cells are
-    removed (``llama_memory_seq_rm``) before the next step is built.
+    sampler chain. Sequences join and leave between steps. A finished sequence's KV cells
+    stay as a cached prefix: a request whose prompt starts with the same tokens (the next
+    turn of a conversation) is prefilled only from where they differ.
     """
+
+    #: A cached prefix on another id is copied only if it saves at least this many tokens.
+    MIN_COPY = 16
 
     def __init__(
         self,
@@ -211,6 +217,7 @@ class _BatchEngine:
         self.llama = llama
         self.n_parallel = n_parallel
         self.prefill_chunk = max(1, prefill_chunk)
+        self.n_ctx = n_ctx
         # Small ubatches keep the compute buffer (worst-case logits for every token) small.
         # Per step: the chunk, one token (decode, filler or prompt) per sequence, and one
         # more prompt token for each sequence still prefilling.
@@ -273,6 +280,10 @@ class _BatchEngine:
             self._single_data, dtype=self._candidates_view.dtype
         )
         self._free_ids = list(range(n_parallel))  # a heap: the lowest free id first
+        # Prompt cache: the tokens whose KV cells each sequence id holds, positions 0..n-1.
+        # A finished stream's cells stay; the next request that shares a prefix with them
+        # (the next turn of a conversation: same system prompt and history) starts there.
+        self._kv_tokens: list[list[int]] = [[] for _ in range(n_parallel)]
         bos = llama.token_bos()
         self.filler_token = bos if bos >= 0 else 0
         self._active: list[_Sequence] = []
@@ -283,6 +294,7 @@ class _BatchEngine:
         # not one per token per stream.
         self._outbox: list[tuple[_Sequence, object]] = []
         self.steps = 0
+        self.prefix_copies = 0  # cached prefixes copied to another sequence id (_join)
         self.grammar_rejections = 0  # picks the grammar refused (then masked and resampled)
         self._thread = threading.Thread(target=self._run, name="tokenwire-decode", daemon=True)
         self._thread.start()
@@ -332,6 +344,7 @@ class _BatchEngine:
                 log.exception("batched decode step failed")
                 for sequence in list(self._active):
                     self._finish(sequence, error=exc)
+                self._forget()
             self._flush()
 
     def _emit(self, sequence: _Sequence, item: object) -> None:
@@ -349,10 +362,36 @@ class _BatchEngine:
                 loop.call_soon_threadsafe(_deliver, items)
 
     def _join(self, sequence: _Sequence) -> None:
-        sequence.seq_id = heapq.heappop(self._free_ids)
+        seq_id = heapq.heappop(self._free_ids)
+        sequence.seq_id = seq_id
         sequence.sampler = self._sampler(sequence)
-        self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
+        prompt = sequence.prompt
+        # The lowest free id keeps the step's ids contiguous (see _step); if another free
+        # id holds a longer prefix of this prompt, its cells are copied over first.
+        reuse = _common_prefix(self._kv_tokens[seq_id], prompt)
+        source, shared = max(
+            ((other, _common_prefix(self._kv_tokens[other], prompt)) for other in self._free_ids),
+            key=lambda candidate: candidate[1],
+            default=(-1, 0),
+        )
+        if shared >= reuse + self.MIN_COPY:
+            reuse = shared
+            # Across KV streams llama.cpp copies the whole stream: cheap next to a prefill.
+            self._lib.llama_memory_seq_cp(self.memory, source, seq_id, -1, -1)
+            self.prefix_copies += 1
+            self._kv_tokens[seq_id] = list(self._kv_tokens[source])
+        reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed for its logits
+        self._lib.llama_memory_seq_rm(self.memory, seq_id, reuse, -1)
+        del self._kv_tokens[seq_id][reuse:]
+        sequence.fed = sequence.n_past = sequence.cached = reuse
         self._active.append(sequence)
+
+    def _forget(self) -> None:
+        """Drop every cached prefix (after a failed step the cells' contents are unknown)."""
+        for seq_id, tokens in enumerate(self._kv_tokens):
+            if tokens and not any(s.seq_id == seq_id for s in self._active):
+                self._lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                tokens.clear()
 
     def _sampler(self, sequence: _Sequence) -> Any:
         params = sequence.request.sampling
@@ -419,7 +458,7 @@ class _BatchEngine:
 
     def _release(self, sequence: _Sequence) -> None:
         if sequence.seq_id >= 0:
-            self._lib.llama_memory_seq_rm(self.memory, sequence.seq_id, -1, -1)
+            # The KV cells stay, as this id's cached prefix (_join).
             heapq.heappush(self._free_ids, sequence.seq_id)
             sequence.seq_id = -1
         if sequence.sampler is not None:
@@ -450,6 +489,7 @@ class _BatchEngine:
                     finish_reason="stop" if reason == "stop_matched" else reason,
                     prompt_tokens=len(sequence.prompt),
                     completion_tokens=sequence.completed,
+                    cached_tokens=sequence.cached,
                     ttft_ms=round((first - sequence.submitted) * 1000, 2) if first else None,
                     decode_seconds=(time.perf_counter() - first) if first else 0.0,
                 ),
@@ -479,18 +519,26 @@ class _BatchEngine:
         # into several passes over the weights. Free ids below the highest active one get a
         # throwaway token instead, removed right after the step.
         by_id = {sequence.seq_id: sequence for sequence in self._active}
-        fillers: list[int] = []
+        fillers: list[tuple[int, int]] = []
+        kv_tokens = self._kv_tokens
         for seq_id in range(max(by_id) + 1):
             member = by_id.get(seq_id)
             if member is None:
+                # After the id's cached prefix, which the filler leaves intact.
+                position = len(kv_tokens[seq_id])
+                if position >= self.n_ctx - 1:
+                    self._lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+                    kv_tokens[seq_id].clear()
+                    position = 0
                 batch.token[n] = self.filler_token
-                batch.pos[n] = 0
+                batch.pos[n] = position
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq_id
                 batch.logits[n] = False
-                fillers.append(seq_id)
+                fillers.append((seq_id, position))
                 n += 1
             elif not member.prefilling:
+                kv_tokens[seq_id].append(member.next_token)
                 batch.token[n] = member.next_token
                 batch.pos[n] = member.n_past
                 batch.n_seq_id[n] = 1
@@ -501,6 +549,7 @@ class _BatchEngine:
                 n += 1
             else:
                 take = takes[seq_id]
+                kv_tokens[seq_id].extend(member.prompt[member.fed : member.fed + take])
                 for offset in range(take):
                     batch.token[n] = member.prompt[member.fed + offset]
                     batch.pos[n] = member.n_past + offset
@@ -516,8 +565,8 @@ class _BatchEngine:
         batch.n_tokens = n
         status = self._lib.llama_decode(self.context.ctx, batch)
         self.steps += 1
-        for seq_id in fillers:
-            self._lib.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        for seq_id, position in fillers:
+            self._lib.llama_memory_seq_rm(self.memory, seq_id, position, -1)
         if status != 0:
             raise BackendError(f"llama_decode returned {status}")
         pieces = self.pieces
@@ -773,6 +822,7 @@ class LlamaCppBackend(Backend):
                     yield Usage(
                         prompt_tokens=item.prompt_tokens,
                         completion_tokens=item.completion_tokens,
+                        cached_tokens=item.cached_tokens,
                         ttft_ms=item.ttft_ms,
                         tokens_per_second=(
                             round(item.completion_tokens / seconds, 2) if seconds > 0 else None
@@ -789,6 +839,15 @@ class LlamaCppBackend(Backend):
             engine.wake()
             # The slot is free only once the engine dropped the sequence's KV cells.
             await asyncio.shield(sequence.released)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _piece(lib: Any, vocab: Any, token: int) -> bytes:

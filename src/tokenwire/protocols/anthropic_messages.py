@@ -264,7 +264,14 @@ def message_id(stream_id: str) -> str:
 def _usage(usage: Usage | None) -> dict[str, int]:
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
+    if not usage.cached_tokens:
+        return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
+    # Anthropic counts cache reads apart: input_tokens are the ones processed anew.
+    return {
+        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+    }
 
 
 class Renderer:

@@ -341,12 +341,15 @@ class Renderer:
         return []
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
-    return {
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    data: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
+    if usage.cached_tokens is not None:
+        data["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
+    return data
 
 
 def aggregate(meta: StreamMeta, events: list[Event]) -> dict[str, Any] | TokenwireError:
