@@ -271,12 +271,14 @@ async def test_the_next_turn_reuses_the_conversations_cached_prefix(
     assert usage2.cached_tokens >= usage1.prompt_tokens - 4  # the whole first prompt, or nearly
     assert usage2.cached_tokens < usage2.prompt_tokens
     assert engine.prefix_copies == copies + 1
-    cold = LlamaCppBackend(parallel=1, warmup=False)
+    cold = LlamaCppBackend(parallel=1, warmup=False, prompt_cache=False)  # --no-prompt-cache
     await cold.start()
     try:
         cold_text, cold_usage = await asyncio.wait_for(_answer(cold, second), 120)
+        again, again_usage = await asyncio.wait_for(_answer(cold, second), 120)
     finally:
         await cold.close()
-    assert cold_usage.cached_tokens == 0
+    assert cold_usage.cached_tokens == again_usage.cached_tokens == 0
+    assert again == cold_text
     assert cold_usage.prompt_tokens == usage2.prompt_tokens
     assert text == cold_text

@@ -60,6 +60,8 @@ class Settings:
     parallel: int = 8
     #: Prompt tokens prefilled per decode step, so running streams keep decoding meanwhile.
     prefill_chunk: int = 64
+    #: Keep finished streams' KV cache for the next request with the same prompt prefix.
+    prompt_cache: bool = True
     #: Re-quantize the embedded model's weights once at start (q4_0, q8_0), cached; opt-in.
     requantize: str | None = None
     #: Response cache: off, deterministic (temperature 0 or a seed), all. See cache.py.

@@ -208,6 +208,7 @@ class _BatchEngine:
         prefill_chunk: int,
         n_threads: int,
         n_threads_batch: int,
+        prompt_cache: bool = True,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -218,6 +219,7 @@ class _BatchEngine:
         self.n_parallel = n_parallel
         self.prefill_chunk = max(1, prefill_chunk)
         self.n_ctx = n_ctx
+        self.prompt_cache = prompt_cache
         # Small ubatches keep the compute buffer (worst-case logits for every token) small.
         # Per step: the chunk, one token (decode, filler or prompt) per sequence, and one
         # more prompt token for each sequence still prefilling.
@@ -368,13 +370,15 @@ class _BatchEngine:
         prompt = sequence.prompt
         # The lowest free id keeps the step's ids contiguous (see _step); if another free
         # id holds a longer prefix of this prompt, its cells are copied over first.
+        if not self.prompt_cache:
+            self._kv_tokens[seq_id].clear()
         reuse = _common_prefix(self._kv_tokens[seq_id], prompt)
         source, shared = max(
             ((other, _common_prefix(self._kv_tokens[other], prompt)) for other in self._free_ids),
             key=lambda candidate: candidate[1],
             default=(-1, 0),
         )
-        if shared >= reuse + self.MIN_COPY:
+        if self.prompt_cache and shared >= reuse + self.MIN_COPY:
             reuse = shared
             # Across KV streams llama.cpp copies the whole stream: cheap next to a prefill.
             self._lib.llama_memory_seq_cp(self.memory, source, seq_id, -1, -1)
@@ -615,9 +619,11 @@ class LlamaCppBackend(Backend):
         parallel: int = 8,
         prefill_chunk: int = 64,
         requantize: str | None = None,
+        prompt_cache: bool = True,
     ) -> None:
         self.model_path = Path(model_path) if model_path else default_model_path()
         self.requantize = requantize
+        self.prompt_cache = prompt_cache
         self._model_name = model_name
         self._chat_template = chat_template
         self.n_ctx = n_ctx
@@ -654,6 +660,7 @@ class LlamaCppBackend(Backend):
             parallel=settings.parallel,
             prefill_chunk=settings.prefill_chunk,
             requantize=settings.requantize,
+            prompt_cache=settings.prompt_cache,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -718,6 +725,7 @@ class LlamaCppBackend(Backend):
             prefill_chunk=self.prefill_chunk,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads_batch,
+            prompt_cache=self.prompt_cache,
         )
         log.info(
             "embedded model %s loaded in %.1fs (ctx %d, %d parallel, %d/%d threads)",

@@ -44,6 +44,13 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--log-level", help="debug, info, warning")
     parser.add_argument("--parallel", type=int, help="streams decoded together (8)")
     parser.add_argument("--prefill-chunk", type=int, help="prompt tokens per decode step (64)")
+    parser.add_argument(
+        "--no-prompt-cache",
+        dest="prompt_cache",
+        action="store_false",
+        default=None,
+        help="do not reuse a finished stream's KV cache for a prompt with the same prefix",
+    )
     parser.add_argument("--requantize", help="re-quantize the embedded model once: q4_0, q8_0")
     parser.add_argument("--cache", help="response cache: off (default), deterministic, all")
     parser.add_argument("--cache-ttl", type=float, help="seconds a cached response lives (600)")
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenwire.server.app import create_app
+    from tokenwire.server.http import HttpProtocol
 
     flags = {name: getattr(args, name, None) for name in Settings.names()}
     keys = flags.get("api_keys")
@@ -154,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        # uvicorn's httptools protocol with lighter per-connection objects (server/http.py).
+        http=HttpProtocol,
         log_level=settings.log_level,
         # uvicorn waits for open connections this long; the drain ends streams before it.
         timeout_graceful_shutdown=int(settings.drain_timeout) + 10,
