@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import orjson
 
+from tokenwire.backends._transport import UpstreamTransport
 from tokenwire.backends.base import Backend, ModelInfo
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import (
@@ -194,15 +195,18 @@ def load_json(data: bytes) -> Any:
 # -- one attempt ---------------------------------------------------------------------------
 
 
-#: Reader tasks finishing a complete answer's body (strong refs: the loop keeps weak ones).
-_DRAINING: set[asyncio.Task[None]] = set()
-
-
 class UpstreamCall:
-    """One HTTP request to one upstream, read by its own task into a buffer.
+    """One HTTP request to one upstream, in two phases.
 
-    The reader task parses each network read and wakes the consumer once per read; Stop and
-    timeouts cancel that task, which closes the HTTP connection.
+    Opening: a task of its own sends the request and reads until the first content event,
+    so the gateway can wait for it with a deadline and fail over before anything reached
+    the client. Relaying: from the first content event on, the consumer (the stream's
+    producer task) reads the body itself, in ``events()``: a chunk goes from the socket to
+    the journal in one task, with no hand-off between tasks per chunk.
+
+    Stop and the timeouts interrupt whichever phase waits on the upstream: they cancel the
+    opening task, or the consumer's read in progress (as ``asyncio.timeout`` does: cancel,
+    then ``uncancel``), which closes the HTTP connection, so the upstream stops generating.
     """
 
     def __init__(
@@ -222,24 +226,33 @@ class UpstreamCall:
         self._buffer: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
+        #: The opening task ended (``_relay``: with the body left for the consumer).
+        self._opening_over = False
+        #: The body ended, failed or was interrupted: nothing more will be read.
         self._finished = False
         self._cancelled = False
         self._draining = False
         self._content = False
+        # Left by the opening task for the consumer: the body, its parser and decoder.
+        self._relay: _Relay | None = None
+        #: The consumer task while it awaits the upstream (only then is it interrupted).
+        self._reader: asyncio.Task[Any] | None = None
+        self._interrupting = False
         self._started = self._loop.time()
-        self._last = self._started
+        self._read_at = self._started
         self.ttft_ms: float | None = None
         url, body = backend.build_request(request, model)
-        self._task = self._loop.create_task(self._read(url, body), name=f"upstream-{backend.name}")
+        self._task = self._loop.create_task(self._open(url, body), name=f"upstream-{backend.name}")
         self._watch = self._loop.create_task(self._watch_cancel())
         self._timer = self._loop.call_at(
             self._started + self.config.first_token_timeout, self._check_deadline
         )
 
-    # -- reader task -------------------------------------------------------------------
+    # -- opening task --------------------------------------------------------------------
 
-    async def _read(self, url: str, body: dict[str, Any]) -> None:
+    async def _open(self, url: str, body: dict[str, Any]) -> None:
         backend = self.backend
+        response: httpx.Response | None = None
         try:
             response = await self._send(url, body)
             if response.status_code in (400, 422):
@@ -248,47 +261,44 @@ class UpstreamCall:
                 body_again = backend.retry_body(body, error.message)
                 if body_again is None:
                     raise error
+                await response.aclose()
                 response = await self._send(url, body_again)
-            try:
-                if response.status_code >= 300:
-                    raise await _status_error(backend.name, response)
-                if not self.opened.done():
-                    self.opened.set_result(None)
-                parser = SSEParser()
-                decoder = backend.decoder()
-                feed = parser.feed
-                decode = decoder.decode
-                push = self._push
-                chunks = response.aiter_raw()
-                async for raw in chunks:
-                    events: list[Event] = []
-                    for name, data in feed(raw):
-                        events += decode(name, data)
-                        if decoder.done:
-                            break
-                    if events:
-                        push(events)
+            if response.status_code >= 300:
+                raise await _status_error(backend.name, response)
+            if not self.opened.done():
+                self.opened.set_result(None)
+            parser = SSEParser()
+            decoder = backend.decoder()
+            feed = parser.feed
+            decode = decoder.decode
+            chunks = response.aiter_raw()
+            async for raw in chunks:
+                events: list[Event] = []
+                for name, data in feed(raw):
+                    events += decode(name, data)
                     if decoder.done:
                         break
-                else:
-                    if parser.pending():
-                        for name, data in parser.feed(b"\n\n"):
-                            events = decode(name, data)
-                            if events:
-                                push(events)
-                if not decoder.done:
-                    events = decoder.finish()
-                    if events:
-                        push(events)
-                else:
-                    # Read the end of the body so the connection goes back to the pool.
-                    self._draining = True
-                    with contextlib.suppress(httpx.HTTPError, TimeoutError):
-                        async with asyncio.timeout(2.0):
-                            async for _ in chunks:
-                                pass
-            finally:
-                await response.aclose()
+                if events:
+                    self._push(events)
+                if decoder.done:
+                    break
+                if self._content:
+                    # The consumer reads on from here, in its own task.
+                    self._relay = _Relay(response, chunks, parser, decoder)
+                    response = None
+                    return
+            else:
+                events = _flush(parser, decoder)
+                if events:
+                    self._push(events)
+            if not decoder.done:
+                events = decoder.finish()
+                if events:
+                    self._push(events)
+            else:
+                # Read the end of the body so the connection goes back to the pool.
+                self._draining = True
+                await _drain(chunks)
         except asyncio.CancelledError:
             pass  # Stop or a timeout: whoever cancelled set the outcome
         except BaseException as exc:
@@ -296,8 +306,12 @@ class UpstreamCall:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            self._finished = True
-            self._timer.cancel()
+            if response is not None:
+                await response.aclose()
+            self._opening_over = True
+            if self._relay is None:
+                self._finished = True
+                self._timer.cancel()
             for future in (self.opened, self.ready):
                 if future.done():
                     continue
@@ -316,57 +330,75 @@ class UpstreamCall:
         return await backend.client.send(request, stream=True)
 
     def _push(self, events: list[Event]) -> None:
-        now = self._loop.time()
-        self._last = now
         if not self._content:
             for event in events:
                 if is_content(event):
+                    now = self._loop.time()
                     self._content = True
                     self.ttft_ms = round((now - self._started) * 1000, 2)
                     self.ready.set_result(None)
                     # From now on the (usually shorter) idle deadline applies.
                     self._timer.cancel()
+                    self._read_at = now
                     self._timer = self._loop.call_at(
                         now + self.config.idle_timeout, self._check_deadline
                     )
                     break
         self._buffer.extend(events)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    # -- watchers ----------------------------------------------------------------------
+    # -- interruptions -------------------------------------------------------------------
 
     def _check_deadline(self) -> None:
         if self._finished:
             return
+        now = self._loop.time()
         if self._content:
             limit, what = self.config.idle_timeout, "between tokens"
+            if self._reader is None and self._opening_over:
+                # The consumer is not waiting on the upstream (its reader is behind):
+                # time spent there is not the upstream's silence.
+                self._timer = self._loop.call_at(now + limit, self._check_deadline)
+                return
+            deadline = self._read_at + limit
         else:
             limit, what = self.config.first_token_timeout, "before the first token"
-        deadline = self._last + limit if self._content else self._started + limit
-        now = self._loop.time()
+            deadline = self._started + limit
         if now < deadline:
             self._timer = self._loop.call_at(deadline, self._check_deadline)
             return
-        self._error = BackendTimeout(
-            f"upstream {self.backend.name} sent nothing for {limit:g}s {what}",
-            code="upstream_timeout",
+        self._interrupt(
+            BackendTimeout(
+                f"upstream {self.backend.name} sent nothing for {limit:g}s {what}",
+                code="upstream_timeout",
+            )
         )
-        self._task.cancel()
 
     async def _watch_cancel(self) -> None:
         await self.cancel.wait()
-        if not self._finished:
-            self._cancelled = True
-            self._task.cancel()
+        self._interrupt(None)
 
-    # -- consumer ----------------------------------------------------------------------
+    def _interrupt(self, error: BackendError | None) -> None:
+        """Stop (``error`` None) or a timeout: end the wait on the upstream at once."""
+        if self._finished:
+            return
+        if error is None:
+            self._cancelled = True
+        elif self._error is None:
+            self._error = error
+        if not self._opening_over:
+            self._task.cancel()
+        elif self._reader is not None and not self._interrupting:
+            self._interrupting = True
+            self._reader.cancel()
+        # else the consumer is elsewhere: it sees the outcome before its next read.
+
+    # -- consumer ------------------------------------------------------------------------
 
     @property
     def content_started(self) -> bool:
@@ -375,36 +407,144 @@ class UpstreamCall:
     async def events(self) -> AsyncIterator[Event]:
         """The events as they arrive; ends quietly on Stop, raises ``BackendError``s."""
         buffer = self._buffer
-        loop = self._loop
         while True:
             while buffer:
                 event = buffer.popleft()
                 yield event
                 if event.terminal:
                     return
-            if self._finished:
-                if self._error is not None and not self._cancelled:
-                    raise self._error
-                return
-            self._waiter = loop.create_future()
+            if self._opening_over:
+                break
+            self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
+        relay = self._relay
+        if relay is None:
+            if self._error is not None and not self._cancelled:
+                raise self._error
+            return
+        # Relaying: read the body in this task, each chunk's events handed on at once.
+        loop = self._loop
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        next_chunk = relay.chunks.__anext__
+        feed = relay.parser.feed
+        decoder = relay.decoder
+        decode = decoder.decode
+        try:
+            while not (self._cancelled or self._error is not None):
+                self._read_at = loop.time()
+                self._reader = task
+                try:
+                    raw = await next_chunk()
+                except StopAsyncIteration:
+                    relay.ended = True
+                    self._finished = True
+                    for event in _flush(relay.parser, decoder):
+                        yield event
+                    if not decoder.done:
+                        for event in decoder.finish():
+                            yield event
+                    return
+                finally:
+                    self._reader = None
+                for name, data in feed(raw):
+                    for event in decode(name, data):
+                        yield event
+                    if decoder.done:
+                        self._finished = True
+                        return  # the terminal event went out; aclose() drains the rest
+        except asyncio.CancelledError:
+            if not self._interrupting or task.uncancel() > cancelling:
+                raise  # not ours (shutdown)
+            self._interrupting = False
+        except Exception as exc:
+            self._finished = True
+            raise _translate(exc, self.backend.name)  # noqa: B904 (chained: __context__)
+        self._finished = True
+        if self._error is not None and not self._cancelled:
+            raise self._error
 
     async def aclose(self) -> None:
         """Stop reading; closes the upstream connection if the answer was not finished."""
+        self._finished = True
         self._timer.cancel()
         self._watch.cancel()
         if self._draining and not self._task.done():
             # The answer is complete; let the reader finish the body in the background.
-            _DRAINING.add(self._task)
-            self._task.add_done_callback(_DRAINING.discard)
+            _background(self._task)
         elif not self._task.done():
             self._task.cancel()
             # Bounded: closing a socket does not block, but never hang a producer on it.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({self._task}, timeout=2.0)
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            if relay.decoder.done and not relay.ended:
+                # A complete answer: read the end of its body in the background, so the
+                # connection goes back to the pool.
+                _background(self._loop.create_task(relay.close(drain=True)))
+            else:
+                await relay.close(drain=False)
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({self._watch}, timeout=1.0)
+
+
+class _Relay:
+    """A response body handed from the opening task to the consumer."""
+
+    __slots__ = ("chunks", "decoder", "ended", "parser", "response")
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        parser: SSEParser,
+        decoder: ChunkDecoder,
+    ) -> None:
+        self.response = response
+        self.chunks = chunks
+        self.parser = parser
+        self.decoder = decoder
+        self.ended = False
+
+    async def close(self, *, drain: bool) -> None:
+        try:
+            if drain:
+                await _drain(self.chunks)
+            else:
+                # Closing the body mid-answer closes the connection: the upstream stops.
+                with contextlib.suppress(Exception):
+                    await self.chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            with contextlib.suppress(Exception):
+                await self.response.aclose()
+
+
+def _flush(parser: SSEParser, decoder: ChunkDecoder) -> list[Event]:
+    """Events of a last message the body ended without a blank line after."""
+    events: list[Event] = []
+    if parser.pending():
+        for name, data in parser.feed(b"\n\n"):
+            events += decoder.decode(name, data)
+    return events
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            async for _ in chunks:
+                pass
+
+
+#: Tasks finishing a complete answer's body (strong refs: the loop keeps weak ones).
+_DRAINING: set[asyncio.Task[Any]] = set()
+
+
+def _background(task: asyncio.Task[Any]) -> None:
+    _DRAINING.add(task)
+    task.add_done_callback(_DRAINING.discard)
 
 
 async def _status_error(name: str, response: httpx.Response) -> BackendError | RequestError:
@@ -504,6 +644,10 @@ class UpstreamBackend(Backend):
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             config = self.config
+            limits = httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_connections,
+            )
             self._client = httpx.AsyncClient(
                 # read=None: the call's first-token and idle deadlines govern reads.
                 timeout=httpx.Timeout(
@@ -512,10 +656,8 @@ class UpstreamBackend(Backend):
                     write=config.connect_timeout,
                     pool=config.connect_timeout,
                 ),
-                limits=httpx.Limits(
-                    max_connections=config.max_connections,
-                    max_keepalive_connections=config.max_connections,
-                ),
+                # httpcore's pool on asyncio sockets: no anyio cost per read (_transport.py).
+                transport=UpstreamTransport(limits=limits),
                 trust_env=False,
             )
         return self._client

@@ -1,7 +1,8 @@
 """The in-process journal: the default, and the reference for the others.
 
-Readers wait on a per-stream future that the next append resolves, so a stream with many
-readers costs one future per append, not one wake-up task per reader.
+Each waiting reader waits on a future of its own that the next append resolves: the writer
+wakes it directly (one loop step, no shield in between), and a reader that is cancelled (its
+client left) cancels only its own future, never another reader's.
 
 Memory is bounded twice: by ``max_finished`` streams and by ``max_bytes`` of events (their
 JSON size). Either bound evicts finished streams, oldest first; streams still generating are
@@ -28,24 +29,37 @@ _BATCH = 256
 
 
 class _Log:
-    __slots__ = ("_changed", "events", "finished_at", "meta", "size")
+    __slots__ = ("_waiters", "events", "finished_at", "meta", "size")
 
     def __init__(self, meta: StreamMeta) -> None:
         self.meta = meta
         self.events: list[Event] = []
         self.finished_at: float | None = None
         self.size = 0
-        self._changed: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None  # None: nobody waits
 
     def notify(self) -> None:
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
-        self._changed = None
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():  # a cancelled reader's
+                    waiter.set_result(None)
 
     def changed(self) -> asyncio.Future[None]:
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
+        """A future of the calling reader's own, resolved by the next append."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters
+        if waiters is None:
+            self._waiters = [waiter]
+        else:
+            count = len(waiters)
+            if count >= 32 and not count & (count - 1):
+                # Drop readers that left while the stream idled (at powers of two: O(1)
+                # amortized, however many readers fan out).
+                waiters[:] = [w for w in waiters if not w.done()]
+            waiters.append(waiter)
+        return waiter
 
 
 class MemoryJournal(Journal):
@@ -111,9 +125,7 @@ class MemoryJournal(Journal):
                     return
             if log.finished_at is not None:
                 return  # resumed after the terminal event: nothing more will come
-            # Shielded: readers share the future, and a reader that is cancelled (its client
-            # left) would otherwise cancel it for every other reader of the stream.
-            await asyncio.shield(log.changed())
+            await log.changed()
 
     async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
         log = self._log(stream_id)
@@ -129,7 +141,7 @@ class MemoryJournal(Journal):
                     return
             if log.finished_at is not None:
                 return
-            await asyncio.shield(log.changed())
+            await log.changed()
 
     async def meta(self, stream_id: str) -> StreamMeta:
         return self._log(stream_id).meta
