@@ -9,6 +9,9 @@ run as the ceiling both servers are held against.
 
 Reported per server: TTFT (request sent → first content byte), inter-token latency p50/p99,
 client-visible tokens/s; ratios tokenwire/peer and tokenwire/engine; the spread of TTFT.
+Then 8 concurrent streams per server (alternating rounds): aggregate tokens/s and the TTFT of
+every stream. llama_cpp.server runs with ``--interrupt_requests False`` (its default, True,
+cancels a running stream when the next request arrives), so it serves them one after another.
 
     python benchmarks/embedded_vs_llamacpp.py [--quick] [--rounds N] [--max-tokens N]
 """
@@ -92,6 +95,36 @@ def one_stream(base: str, model: str, max_tokens: int, tag: str = "") -> dict[st
     }
 
 
+def concurrent_round(
+    base: str, model: str, streams: int, max_tokens: int, tag: str
+) -> dict[str, Any]:
+    """``streams`` requests sent at once: aggregate tokens/s over the round and each TTFT."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        runs = list(
+            pool.map(lambda i: one_stream(base, model, max_tokens, f"{tag}-{i}"), range(streams))
+        )
+    wall = time.perf_counter() - started
+    return {
+        "wall_s": wall,
+        "tokens": sum(r["tokens"] for r in runs),
+        "tokens_per_s": sum(r["tokens"] for r in runs) / wall,
+        "ttft_ms": [r["ttft_ms"] for r in runs],
+    }
+
+
+def summarize_concurrent(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    ttfts = [t for r in rounds for t in r["ttft_ms"]]
+    return {
+        "rounds": len(rounds),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rounds),
+        "ttft_ms_p50": statistics.median(ttfts),
+        "ttft_ms_max": max(ttfts),
+    }
+
+
 def engine_rate(model_path: str, threads: int, ctx: int, max_tokens: int, rounds: int) -> float:
     """Tokens/s of llama-cpp-python itself: the ceiling for both servers."""
     from llama_cpp import Llama
@@ -148,9 +181,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # tokenwire's default: one core for decoding, one for serving (llama.cpp spins its threads).
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--ctx", type=int, default=4096)
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams (8)")
     args = parser.parse_args(argv)
     rounds = 3 if args.quick else args.rounds
     max_tokens = 64 if args.quick else args.max_tokens
+    concurrent_rounds = 1 if args.quick else 3
+    concurrent_tokens = 32 if args.quick else 64
 
     from tokenwire.backends.llamacpp import default_model_path
 
@@ -164,13 +200,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peer_cmd = [
         python, "-m", "llama_cpp.server", "--model", model, "--port", str(peer_port),
         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-        "--n_ctx", str(args.ctx),
+        "--n_ctx", str(args.ctx), "--interrupt_requests", "False",
     ]  # fmt: skip
     servers = {
         "tokenwire": (f"http://127.0.0.1:{tw_port}", "default"),
         "llama_cpp.server": (f"http://127.0.0.1:{peer_port}", model),
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    concurrent: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     with (
         process(tokenwire_cmd, f"http://127.0.0.1:{tw_port}/healthz"),
         process(peer_cmd, f"http://127.0.0.1:{peer_port}/v1/models"),
@@ -182,20 +219,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for server in order:
                 base, name = servers[server]
                 runs[server].append(one_stream(base, name, max_tokens, f"{round_index}-{server}"))
+        for round_index in range(concurrent_rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for server in order:
+                base, name = servers[server]
+                concurrent[server].append(
+                    concurrent_round(
+                        base, name, args.streams, concurrent_tokens, f"c{round_index}-{server}"
+                    )
+                )
     engine = engine_rate(model, args.threads, args.ctx, max_tokens, max(2, rounds // 2))
 
     summary = {name: summarize(r) for name, r in runs.items()}
     tw, peer = summary["tokenwire"], summary["llama_cpp.server"]
+    together = {name: summarize_concurrent(r) for name, r in concurrent.items()}
+    tw_n, peer_n = together["tokenwire"], together["llama_cpp.server"]
     result = {
         "benchmark": "embedded_vs_llamacpp",
-        "config": {"rounds": rounds, "max_tokens": max_tokens, "threads": args.threads},
+        "config": {
+            "rounds": rounds,
+            "max_tokens": max_tokens,
+            "threads": args.threads,
+            "streams": args.streams,
+            "concurrent_rounds": concurrent_rounds,
+            "concurrent_max_tokens": concurrent_tokens,
+        },
         "engine_tokens_per_s": engine,
         "servers": summary,
+        "concurrent": together,
         "ratios": {
             "tokens_per_s_vs_peer": tw["tokens_per_s"] / peer["tokens_per_s"],
             "tokens_per_s_vs_engine": tw["tokens_per_s"] / engine,
             "peer_tokens_per_s_vs_engine": peer["tokens_per_s"] / engine,
             "ttft_p50_vs_peer": tw["ttft_ms_p50"] / peer["ttft_ms_p50"],
+            "concurrent_tokens_per_s_vs_peer": tw_n["tokens_per_s"] / peer_n["tokens_per_s"],
+            "concurrent_ttft_max_vs_peer": tw_n["ttft_ms_max"] / peer_n["ttft_ms_max"],
         },
         "goals": {"tokens_per_s_vs_peer": ">= 0.97", "tokens_per_s_vs_engine": ">= 0.97"},
     }
@@ -224,6 +282,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"- tokens/s tokenwire / engine: **{ratios['tokens_per_s_vs_engine']:.3f}** (goal ≥ 0.97)",
         f"- tokens/s peer / engine: {ratios['peer_tokens_per_s_vs_engine']:.3f}",
         f"- TTFT p50 tokenwire / peer: {ratios['ttft_p50_vs_peer']:.3f}",
+        "",
+        f"## {args.streams} concurrent streams",
+        "",
+        f"{concurrent_rounds} alternating round(s), {concurrent_tokens} tokens per stream, "
+        "all sent at once.",
+        "",
+        "| server | aggregate tokens/s | TTFT p50 ms | TTFT max ms |",
+        "|---|---|---|---|",
+    ]
+    for name, s in together.items():
+        lines.append(
+            f"| {name} | {s['tokens_per_s']:.1f} | {s['ttft_ms_p50']:.1f} "
+            f"| {s['ttft_ms_max']:.1f} |"
+        )
+    lines += [
+        "",
+        f"- aggregate tokens/s tokenwire / peer: "
+        f"**{ratios['concurrent_tokens_per_s_vs_peer']:.2f}**",
+        f"- TTFT max tokenwire / peer: **{ratios['concurrent_ttft_max_vs_peer']:.2f}**",
     ]
     (RESULTS / "embedded_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

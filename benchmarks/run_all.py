@@ -41,7 +41,7 @@ class Bench:
 
 
 KNOWN = [
-    Bench("embedded_vs_llamacpp", "llama-cpp-python's server (1 and 8 streams)"),
+    Bench("embedded_vs_llamacpp", "llama-cpp-python's server (1 and 8 concurrent streams)"),
     Bench("batching", "the same model one stream at a time", ("--smoke",)),
     Bench("relay_overhead", "direct upstream, LiteLLM proxy"),
     Bench(
