@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goals": {"tokens_per_s_vs_peer": ">= 0.97", "tokens_per_s_vs_engine": ">= 0.97"},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "embedded_vs_llamacpp.json").write_text(json.dumps(result, indent=2))
+    stem = "embedded_vs_llamacpp_quick" if args.quick else "embedded_vs_llamacpp"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Embedded model: tokenwire vs llama-cpp-python's server",
         "",
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"**{ratios['concurrent_tokens_per_s_vs_peer']:.2f}**",
         f"- TTFT max tokenwire / peer: **{ratios['concurrent_ttft_max_vs_peer']:.2f}**",
     ]
-    (RESULTS / "embedded_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 
