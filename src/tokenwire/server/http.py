@@ -1,0 +1,103 @@
+"""uvicorn's httptools HTTP/1.1 protocol with lighter per-connection objects.
+
+An idle SSE stream costs mostly its connection (benchmarks/idle_capacity.py). uvicorn's
+protocol gives every connection an empty ``deque`` for pipelined requests and two
+``asyncio.Event`` (request body / disconnect, write flow control), each holding a deque:
+~0.8 KB apiece, because a deque preallocates a 64-slot block. ``HttpProtocol`` is the same
+protocol with a slotted ``LeanEvent`` (its waiter list made on first wait) and a list for the
+rarely used pipeline: ~2 KB less per open connection. Only those containers differ; parsing,
+keep-alive, flow control and the ASGI cycle are uvicorn's own code.
+
+It relies on three uvicorn internals (``HttpToolsProtocol.pipeline``, ``cycle.message_event``,
+``FlowControl._is_writable_event``), which ``tests/test_sse_transport.py`` checks, so a uvicorn
+release that renames them fails a test instead of silently falling back.
+
+Use: ``uvicorn.Config(app, http=HttpProtocol)`` (``tokenwire serve`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+__all__ = ["HttpProtocol", "LeanEvent"]
+
+
+class LeanEvent:
+    """``asyncio.Event``'s interface in ~60 bytes instead of ~900 (no deque, no dict)."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if self._value:
+            return
+        self._value = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> Literal[True]:
+        if self._value:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:  # cancelled before set()
+                waiters.remove(waiter)
+
+
+class _Pipeline(list[Any]):
+    """The queue of pipelined requests: an empty list is 56 bytes, an empty deque 760."""
+
+    __slots__ = ()
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+class _FlowControl(FlowControl):
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__(transport)
+        writable = LeanEvent()
+        writable.set()
+        self._is_writable_event = writable  # type: ignore[assignment]
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's ``HttpToolsProtocol`` with the lean containers above."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pipeline = _Pipeline()  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.flow = _FlowControl(transport)
+
+    def on_headers_complete(self) -> None:
+        previous = self.cycle
+        super().on_headers_complete()
+        if self.cycle is not previous:
+            # A new request cycle: nothing waits on its event yet (its task has not run).
+            self.cycle.message_event = LeanEvent()  # type: ignore[assignment]
