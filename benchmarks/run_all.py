@@ -43,6 +43,9 @@ class Bench:
 KNOWN = [
     Bench("embedded_vs_llamacpp", "llama-cpp-python's server (1 and 8 concurrent streams)"),
     Bench("batching", "the same model one stream at a time", ("--smoke",)),
+    Bench(
+        "decode_kernels", "other weight types and thread counts (why batching gains what it does)"
+    ),
     Bench("relay_overhead", "direct upstream, LiteLLM proxy"),
     Bench(
         "idle_capacity",
