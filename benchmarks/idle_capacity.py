@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -32,7 +33,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,20 @@ class LoopMonitor:
         }
 
 
+def dump_snapshot(path: str) -> None:
+    """tracemalloc's snapshot to ``path``, object counts by type to ``path.types.json``."""
+    import tracemalloc
+
+    gc.collect()
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__qualname__
+        counts[name] = counts.get(name, 0) + 1
+    Path(path + ".types.json").write_text(json.dumps(counts))
+    if tracemalloc.is_tracing():
+        tracemalloc.take_snapshot().dump(path)
+
+
 def make_backend(mode: str, rate: float) -> Any:
     from tokenwire.backends.base import Backend, ModelInfo
     from tokenwire.cancel import CancelToken
@@ -124,8 +139,13 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
 
     from tokenwire.config import Settings
     from tokenwire.server.app import create_app
+    from tokenwire.server.http import HttpProtocol
 
     raise_fd_limit()
+    if os.environ.get("CAPACITY_TRACEMALLOC"):  # --breakdown: frames kept per allocation
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ["CAPACITY_TRACEMALLOC"]))
     if os.environ.get("CAPACITY_GC_THRESHOLD"):  # experiments: "700,10,10"
         gc.set_threshold(*(int(x) for x in os.environ["CAPACITY_GC_THRESHOLD"].split(",")))
     if os.environ.get("CAPACITY_GC_LOG"):
@@ -152,6 +172,8 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
     async def stats(request: Request) -> JSONResponse:
         if request.query_params.get("collect"):
             gc.collect()
+        if path := request.query_params.get("snapshot"):
+            dump_snapshot(path)
         if request.query_params.get("reset"):
             monitor.stalls = []
             if monitor.task is None:
@@ -171,7 +193,7 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
         host="127.0.0.1",
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,  # as `tokenwire serve`: uvicorn's httptools protocol, lean
         backlog=8192,
         log_level="warning",
         timeout_keep_alive=60,
@@ -340,18 +362,22 @@ async def client_run(args: argparse.Namespace) -> dict[str, Any]:
         return result
 
 
-def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def server_process(
+    mode: str, heartbeat: float, rate: float, env: dict[str, str] | None = None
+) -> Iterator[int]:
+    """This file with ``--serve`` on a free port; yields the port once /healthz answers."""
+    import httpx
+
     port = free_port()
-    here = Path(__file__).resolve()
     common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
     server = subprocess.Popen(
-        [sys.executable, str(here), "--serve", "--port", str(port), *common],
+        [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port), *common],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     try:
-        import httpx
-
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -362,6 +388,19 @@ def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) 
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("capacity server did not start")
             time.sleep(0.2)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) -> dict[str, Any]:
+    here = Path(__file__).resolve()
+    common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
+    with server_process(mode, heartbeat, rate) as port:
         client = subprocess.run(
             [
                 sys.executable,
@@ -383,12 +422,152 @@ def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) 
             raise RuntimeError(f"client failed: {client.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(client.stdout.strip().splitlines()[-1])
         return result
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+
+
+# -- where an idle stream's memory goes (--breakdown) ----------------------------------------
+
+#: Components by the innermost frame of an allocation that is not the standard library.
+_COMPONENTS = (
+    ("/uvicorn/_compat.py", "event loop: uvloop transport, socket, handles (C)"),
+    ("/uvicorn/main.py", "event loop: uvloop transport, socket, handles (C)"),
+    ("/uvicorn/middleware/", "ASGI layers held open (proxy headers, Starlette)"),
+    ("/starlette/", "ASGI layers held open (proxy headers, Starlette)"),
+    ("/uvicorn/", "uvicorn connection (protocol, parser, request cycle, scope)"),
+    ("/tokenwire/server/http.py", "uvicorn connection (protocol, parser, request cycle, scope)"),
+    ("/anyio/", "SSE transport (pump, heartbeats, disconnect watch)"),
+    ("/tokenwire/transports/", "SSE transport (pump, heartbeats, disconnect watch)"),
+    ("/tokenwire/server/app.py", "route: the stream's frame renderer"),
+    ("/tokenwire/journal/", "journal (log, events, reader)"),
+    ("/tokenwire/events.py", "journal (log, events, reader)"),
+    ("/tokenwire/protocols/", "parsed request (ChatRequest, renderer)"),
+    ("/tokenwire/requests.py", "parsed request (ChatRequest, renderer)"),
+    ("/pydantic/", "parsed request (ChatRequest, renderer)"),
+    ("/tokenwire/", "producer: task, stages, backend, cancel token"),
+    ("/benchmarks/", "producer: task, stages, backend, cancel token"),
+)
+
+
+def _component(frames: list[Any]) -> tuple[str, str]:
+    """(component, owning line) of one allocation's traceback, innermost frame first."""
+    if frames[0].filename.endswith("_weakrefset.py"):
+        # asyncio.all_tasks(): one weakref per task, in a set that grows in jumps.
+        return "asyncio task registry (weakref per task)", "_weakrefset.py"
+    for frame in frames:
+        name = frame.filename
+        if "site-packages" in name or "/tokenwire/" in name or "/benchmarks/" in name:
+            short = name.split("site-packages/")[-1].split("/src/")[-1].split("/benchmarks/")[-1]
+            line = f"{short}:{frame.lineno}"
+            for marker, component in _COMPONENTS:
+                if marker in name:
+                    return component, line
+            return "other", line
+    return "other (no Python frame)", f"{frames[0].filename}:{frames[0].lineno}"
+
+
+def summarize_snapshots(before: str, after: str, streams: int) -> dict[str, Any]:
+    """Bytes per stream by component and by line, and objects per stream by type, between
+    two snapshots ``dump_snapshot`` took ``streams`` streams apart."""
+    import tracemalloc
+
+    first, second = tracemalloc.Snapshot.load(before), tracemalloc.Snapshot.load(after)
+    components: dict[str, float] = {}
+    lines: dict[str, list[float]] = {}
+    for stat in second.compare_to(first, "traceback"):
+        component, line = _component(list(stat.traceback)[::-1])
+        components[component] = components.get(component, 0.0) + stat.size_diff
+        entry = lines.setdefault(f"{line} ({component.split(' (')[0].split(':')[0]})", [0, 0])
+        entry[0] += stat.size_diff
+        entry[1] += stat.count_diff
+    types_before = json.loads(Path(before + ".types.json").read_text())
+    types_after = json.loads(Path(after + ".types.json").read_text())
+    types = {k: types_after.get(k, 0) - types_before.get(k, 0) for k in types_after}
+    return {
+        "streams": streams,
+        "traced_bytes_per_stream": round(sum(components.values()) / streams),
+        "components": {
+            k: round(v / streams)
+            for k, v in sorted(components.items(), key=lambda kv: -kv[1])
+            if abs(v / streams) >= 8
+        },
+        "top_lines": {
+            k: {"bytes": round(v[0] / streams), "blocks": round(v[1] / streams, 2)}
+            for k, v in sorted(lines.items(), key=lambda kv: -kv[1][0])[:30]
+        },
+        "objects_per_stream": {
+            k: round(v / streams, 2)
+            for k, v in sorted(types.items(), key=lambda kv: -kv[1])
+            if v / streams >= 0.5
+        },
+    }
+
+
+async def _breakdown_client(port: int, streams: int, prefix: str) -> dict[str, int]:
+    import httpx
+
+    raise_fd_limit()
+    base = f"http://127.0.0.1:{port}/bench/stats"
+    rss = {}
+    holder = Holder(port, 5.0)
+    async with httpx.AsyncClient(timeout=600) as http:
+        rss["start"] = (await http.get(base, params={"collect": "1"})).json()["rss_kb"]
+        # N streams first (everything that is allocated once is then in place), then N more.
+        for label in ("a", "b"):
+            failures = await holder.open(streams)
+            if failures:
+                raise RuntimeError(f"{failures} streams failed to open")
+            await asyncio.sleep(2)
+            stats = await http.get(base, params={"snapshot": f"{prefix}.{label}"})
+            rss[label] = stats.json()["rss_kb"]
+    holder.close()
+    await asyncio.sleep(0.5)
+    return rss
+
+
+def run_breakdown(streams: int) -> dict[str, Any]:
+    """Where an idle stream's memory goes: tracemalloc (25 frames) snapshots of the server
+    with N and with 2N idle streams, diffed; gc object counts alike."""
+    import tempfile
+
+    import uvloop
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        server_process("idle", 5.0, 5.0, env={"CAPACITY_TRACEMALLOC": "25"}) as port,
+    ):
+        prefix = str(Path(tmp) / "snapshot")
+        rss = uvloop.run(_breakdown_client(port, streams, prefix))
+        result = summarize_snapshots(prefix + ".a", prefix + ".b", streams)
+    # RSS with tracemalloc on also holds its traces: for scale only; idle_capacity.md has
+    # the RSS of the production setup.
+    result["rss_per_stream_kb_traced"] = round((rss["b"] - rss["a"]) / streams, 2)
+    return result
+
+
+def breakdown_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Where an idle SSE stream's memory goes",
+        "",
+        "`python benchmarks/idle_capacity.py --breakdown`: the capacity server with tracemalloc "
+        f"(25 frames), snapshots at {result['streams']} and {2 * result['streams']} idle streams, "
+        "diffed and divided by the streams added. An allocation belongs to the innermost frame "
+        "outside the standard library. RSS per stream in production: `idle_capacity.md`.",
+        "",
+        f"Traced Python allocations per stream: **{result['traced_bytes_per_stream']} B**.",
+        "",
+        "| component | bytes / stream |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in result["components"].items()),
+        "",
+        "| owning line | bytes / stream | blocks / stream |",
+        "|---|---|---|",
+        *(f"| `{k}` | {v['bytes']} | {v['blocks']} |" for k, v in result["top_lines"].items()),
+        "",
+        "| object type (gc-tracked) | per stream |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in result["objects_per_stream"].items()),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -396,7 +575,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Capacity: idle SSE streams and active relayed streams",
         "",
-        f"Machine: {os.cpu_count()} cores; server: uvicorn + uvloop + httptools, one process.",
+        f"Machine: {os.cpu_count()} cores; server: uvicorn (httptools, with server/http.py's "
+        "lean containers) + uvloop, one process.",
         "",
         "| measure | result | target |",
         "|---|---|---|",
@@ -427,6 +607,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rate", type=float, default=5.0, help="tokens/s per active stream")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds to measure")
     parser.add_argument("--heartbeat", type=float, default=5.0)
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        nargs="?",
+        const=1000,
+        default=0,
+        metavar="N",
+        help="where an idle stream's memory goes (tracemalloc, N and 2N streams)",
+    )
     # internal roles
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
@@ -442,6 +631,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         print(json.dumps(uvloop.run(client_run(args))), flush=True)
         return {}
+    if args.breakdown:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        breakdown = run_breakdown(args.breakdown)
+        (RESULTS / "idle_capacity_breakdown.json").write_text(json.dumps(breakdown, indent=2))
+        (RESULTS / "idle_capacity_breakdown.md").write_text(breakdown_markdown(breakdown))
+        print(breakdown_markdown(breakdown))
+        return breakdown
     if args.quick:
         args.streams, args.active, args.hold = min(args.streams, 2000), min(args.active, 200), 8
         args.heartbeat = min(args.heartbeat, 2.0)

@@ -12,13 +12,15 @@ __all__ = ["CancelToken"]
 
 
 class CancelToken:
-    __slots__ = ("_event", "_flag", "reason")
+    __slots__ = ("_flag", "_waiters", "reason")
 
     def __init__(self) -> None:
         # A plain bool: set once on the loop, read by decode threads (atomic under the
         # GIL). A threading.Event cost ~1 KB per stream, a lot at 10,000 idle streams.
         self._flag = False
-        self._event: asyncio.Event | None = None
+        # Futures of ``wait()`` callers, made on first wait: an asyncio.Event costs ~0.9 KB
+        # (its deque preallocates 64 slots), per stream (benchmarks/idle_capacity.py).
+        self._waiters: list[asyncio.Future[None]] | None = None
         self.reason: str | None = None
 
     def cancel(self, reason: str = "stop") -> bool:
@@ -27,17 +29,25 @@ class CancelToken:
             return False
         self.reason = reason
         self._flag = True
-        if self._event is not None:
-            self._event.set()
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
         return True
 
     def is_cancelled(self) -> bool:
         return self._flag
 
     async def wait(self) -> str:
-        if self._event is None:
-            self._event = asyncio.Event()
-            if self._flag:
-                self._event.set()
-        await self._event.wait()
+        if not self._flag:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = [waiter]
+            else:
+                self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)  # the waiter was cancelled
         return self.reason or "stop"

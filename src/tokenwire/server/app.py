@@ -134,26 +134,34 @@ class Server:
         start = -1 if getattr(renderer, "needs_history", False) else after
         manager = self.manager
 
+        # The first message tells EventSource-style clients how soon to reconnect. It
+        # rides on a data message: a bare `retry:` block is an empty event to the
+        # official openai client, which then fails to parse it.
+        retry_ms: int | None = 1000
+        render = renderer.render
+        encode = sse.encode
+
+        def frame(batch: list[Event]) -> bytes:
+            nonlocal retry_ms
+            parts = []
+            for event in batch:
+                payloads = render(event)
+                if not payloads or event.seq <= after:
+                    continue
+                for payload in payloads:
+                    name = payload["type"] if named and isinstance(payload, dict) else None
+                    parts.append(encode(payload, id=event.seq, event=name, retry_ms=retry_ms))
+                    retry_ms = None
+            return b"".join(parts)
+
         async def frames() -> AsyncIterator[bytes]:
-            # The first message tells EventSource-style clients how soon to reconnect. It
-            # rides on a data message: a bare `retry:` block is an empty event to the
-            # official openai client, which then fails to parse it.
-            retry_ms: int | None = 1000
-            render = renderer.render
-            encode = sse.encode
             # Every event already journaled goes out in one send (one write syscall).
             async for batch in manager.read_batches(meta.id, start):
-                parts = []
-                for event in batch:
-                    payloads = render(event)
-                    if not payloads or event.seq <= after:
-                        continue
-                    for payload in payloads:
-                        name = payload["type"] if named and isinstance(payload, dict) else None
-                        parts.append(encode(payload, id=event.seq, event=name, retry_ms=retry_ms))
-                        retry_ms = None
-                if parts:
-                    yield b"".join(parts)
+                chunk = frame(batch)
+                del batch  # an idle stream holds no batch or frame while it waits
+                if chunk:
+                    yield chunk
+                del chunk
 
         return sse.EventSourceResponse(
             frames(),
@@ -434,7 +442,8 @@ def create_app(
     )
     app = Starlette(
         routes=routes,
-        middleware=[gate],
+        # StreamHandoff outermost: event streams outlive the layers that route them.
+        middleware=[Middleware(sse.StreamHandoff), gate],
         lifespan=lifespan,
         exception_handlers={404: _http_error, 405: _http_error},
     )

@@ -1,29 +1,50 @@
 """Server-Sent Events: framing, heartbeats, send timeouts and disconnect detection.
 
 All SSE bytes tokenwire writes are made here. ``EventSourceResponse`` is an ASGI response that
-races three things in one task group (as starlette's ``StreamingResponse`` does): sending the
-frames, a heartbeat comment whenever the stream has been idle for ``heartbeat`` seconds, and
-listening for the client's disconnect. Whichever ends first ends the others, and the frame
-iterator is always closed, so its ``finally`` blocks (the reader count) run at once.
+sends the frames of an async iterator, a heartbeat comment whenever the stream has been idle
+for ``heartbeat`` seconds, and listens for the client's disconnect. Whichever ends first ends
+the others, and the frame iterator is always closed, so its ``finally`` blocks (the reader
+count) run at once. A send that the client does not take within ``send_timeout`` seconds (it
+stopped reading and the socket filled) ends the stream as a disconnect.
 
-Why not sse-starlette: it detects server shutdown by patching uvicorn at import time, which we
-avoid (STYLE.md); what remains is ~100 lines we would otherwise wrap.
+What an open stream costs is what bounds how many idle streams a process holds
+(benchmarks/idle_capacity.py, ~20 KB each at 10,000), so an idle stream is kept lean:
+
+- one task of its own (the request's) pumping frames, plus one waiting for the disconnect;
+- no timer or task per stream for heartbeats: one ``HeartbeatScheduler`` per event loop keeps
+  the streams in 5 ms buckets of their next due time, and a bucket's single timer pings the
+  streams in it that are idle by then (each ping a short task, so a client that stopped
+  reading cannot delay the others). Sending a frame only records the time: the bucket
+  re-files a stream that sent since;
+- ``StreamHandoff`` (the app's outermost middleware) runs the stream after the routing,
+  middleware and handler frames have returned, instead of under them for its whole life.
+
+Divergence from starlette's ``StreamingResponse`` and sse-starlette (STYLE.md): they race
+the same three things with an anyio task group per stream, ~11 KB more per open stream;
+sse-starlette also patches uvicorn at import time to see shutdown, which we avoid.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
-import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import anyio
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["STREAM_HEADERS", "EventSourceResponse", "encode", "encode_comment"]
+__all__ = [
+    "STREAM_HEADERS",
+    "EventSourceResponse",
+    "HeartbeatScheduler",
+    "StreamHandoff",
+    "encode",
+    "encode_comment",
+]
 
 #: Headers every streaming response carries: no caching, no proxy buffering, no compression.
 STREAM_HEADERS = {
@@ -31,6 +52,9 @@ STREAM_HEADERS = {
     "x-accel-buffering": "no",
     "connection": "keep-alive",
 }
+
+#: The scope key under which ``StreamHandoff`` offers to run a stream (a one-slot list).
+HANDOFF_KEY = "tokenwire.sse.handoff"
 
 
 def encode(
@@ -66,8 +90,123 @@ def encode_comment(text: str = "") -> bytes:
     return b": " + text.encode() + b"\n"
 
 
+_OPEN: Message = {
+    "type": "http.response.body",
+    "body": encode_comment("stream open"),
+    "more_body": True,
+}
+_PING: Message = {"type": "http.response.body", "body": encode_comment("ping"), "more_body": True}
+_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+
+# Why a stream was ended from outside its pump.
+_DISCONNECT, _TIMEOUT, _FAILED = "disconnect", "timeout", "failed"
+
+
+class HeartbeatScheduler:
+    """Due-time checks for every open event stream of one event loop.
+
+    Streams are filed in buckets of ``TICK`` seconds by the loop time of their next check;
+    one ``call_at`` timer per non-empty bucket (not per stream) runs ``_check`` on each
+    stream in it, which pings, enforces the send timeout, or files the stream again. A check
+    runs at most ``TICK`` late, never early.
+    """
+
+    TICK = 0.005
+    __slots__ = ("__weakref__", "_buckets", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._buckets: dict[int, list[EventSourceResponse]] = {}
+
+    def file(self, stream: EventSourceResponse, when: float) -> None:
+        """Check ``stream`` at loop time ``when`` (``inf``: never)."""
+        if when == math.inf:
+            return
+        key = math.ceil(when / self.TICK)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [stream]
+            self._loop.call_at(key * self.TICK, self._fire, key)
+        else:
+            bucket.append(stream)
+
+    def _fire(self, key: int) -> None:
+        bucket = self._buckets.pop(key, None)
+        if bucket:
+            now = self._loop.time()
+            for stream in bucket:
+                stream._check(now)
+
+    def __len__(self) -> int:
+        """Streams filed (closed ones included until their bucket fires)."""
+        return sum(len(bucket) for bucket in self._buckets.values())
+
+
+_schedulers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HeartbeatScheduler] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def heartbeat_scheduler(loop: asyncio.AbstractEventLoop | None = None) -> HeartbeatScheduler:
+    """The scheduler of ``loop`` (default: the running loop)."""
+    loop = loop or asyncio.get_running_loop()
+    scheduler = _schedulers.get(loop)
+    if scheduler is None:
+        scheduler = _schedulers[loop] = HeartbeatScheduler(loop)
+    return scheduler
+
+
+class StreamHandoff:
+    """ASGI middleware, outermost: event streams run here, after the app has returned.
+
+    An ``EventSourceResponse`` sends its headers through the layers that built it (so any
+    header-adding middleware still applies), then, when this middleware offered, leaves its
+    body to run here, with the server's own ``receive``/``send``. The routing, exception
+    and auth layers' frames, the request object and the handler's locals are then freed
+    instead of held for the stream's whole life. Middleware that rewrites bodies is
+    bypassed, which event streams want anyway (never compressed, never buffered).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        slot: list[EventSourceResponse] = []
+        scope[HANDOFF_KEY] = slot
+        try:
+            await self.app(scope, receive, send)
+        except BaseException:
+            if slot:  # an outer layer failed after the headers: the body never runs
+                with contextlib.suppress(Exception):
+                    await slot.pop().frames.aclose()  # type: ignore[attr-defined]
+            raise
+        if slot:
+            stream = slot.pop()
+            del scope[HANDOFF_KEY]
+            await stream.stream(receive, send)
+
+
 class EventSourceResponse:
     media_type = "text/event-stream"
+    __slots__ = (
+        "_closed",
+        "_failure",
+        "_last_send",
+        "_loop",
+        "_pinging",
+        "_send",
+        "_send_started",
+        "_task",
+        "_watcher",
+        "frames",
+        "headers",
+        "heartbeat",
+        "send_timeout",
+        "status_code",
+    )
 
     def __init__(
         self,
@@ -83,87 +222,17 @@ class EventSourceResponse:
         self.send_timeout = send_timeout
         self.status_code = status_code
         self.headers = {**STREAM_HEADERS, **(headers or {})}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._send: Send | None = None
         self._last_send = 0.0
-        #: When the send in progress started (None: none in progress); the heartbeat task
+        #: When the send in progress started (None: none in progress); the scheduler
         #: enforces ``send_timeout`` on it, so the hot path arms no timer per frame.
         self._send_started: float | None = None
-        # fast_acquire: no event-loop round trip per frame when the lock is free (it
-        # only ever waits for a heartbeat).
-        self._lock = anyio.Lock(fast_acquire=True)
-
-    async def _send_body(self, send: Send, chunk: bytes) -> None:
-        async with self._lock:
-            self._send_started = time.monotonic()
-            try:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            finally:
-                self._send_started = None
-            self._last_send = time.monotonic()
-
-    async def _pump(self, send: Send) -> None:
-        async with contextlib.aclosing(self.frames):  # type: ignore[type-var]
-            async for chunk in self.frames:
-                await self._send_body(send, chunk)
-
-    async def _heartbeats(self, send: Send) -> None:
-        limit = self.send_timeout if self.send_timeout else math.inf
-        while True:
-            now = time.monotonic()
-            started = self._send_started
-            if started is not None:
-                # A client that stops reading fills the socket; the send then blocks on
-                # flow control. Past the timeout we treat it as gone rather than hold the
-                # producer.
-                if now - started >= limit:
-                    raise TimeoutError("the client stopped reading")
-                await anyio.sleep(min(self.heartbeat, started + limit - now))
-                continue
-            idle_for = now - self._last_send
-            if idle_for >= self.heartbeat:
-                with anyio.fail_after(limit):
-                    await self._send_body(send, encode_comment("ping"))
-                continue
-            await anyio.sleep(min(self.heartbeat - idle_for, limit))
-
-    @staticmethod
-    async def _until_disconnect(receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    async def _race(self, send: Send, receive: Receive) -> None:
-        """Pump frames in this task, heartbeats and the disconnect watcher in two plain
-        asyncio tasks; whichever ends first ends the others. Not an anyio task group: that
-        cost ~11 KB more per open stream (benchmarks/idle_capacity.py, 10,000 streams)."""
-        current = asyncio.current_task()
-        assert current is not None
-        racing = True
-        helpers = (
-            asyncio.ensure_future(self._heartbeats(send)),
-            asyncio.ensure_future(self._until_disconnect(receive)),
-        )
-
-        def stop(_: asyncio.Future[None]) -> None:
-            if racing:  # a callback already queued when the pump ended must not cancel
-                current.cancel()
-
-        for helper in helpers:
-            helper.add_done_callback(stop)
-        try:
-            await self._pump(send)
-        except asyncio.CancelledError:
-            if not any(helper.done() for helper in helpers):
-                raise  # cancelled from outside (server shutdown)
-            current.uncancel()
-        finally:
-            racing = False
-            for helper in helpers:
-                helper.cancel()
-            for helper in helpers:
-                # A helper's TimeoutError (client stopped reading) or OSError propagates.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await helper
+        self._pinging: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Future[Message] | None = None
+        self._failure: str | None = None
+        self._closed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -171,16 +240,121 @@ class EventSourceResponse:
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": raw_headers}
         )
-        # A first comment right away: proxies and browsers see the stream is open at once.
-        disconnected = False
+        self.headers.clear()  # sent: an open stream holds no copy
+        slot = scope.get(HANDOFF_KEY)
+        if slot is not None and not slot:
+            slot.append(self)  # StreamHandoff runs the body once the app has returned
+            return
+        await self.stream(receive, send)
+
+    async def stream(self, receive: Receive, send: Send) -> None:
+        """The body: frames, heartbeats and the disconnect watch, until one of them ends."""
+        loop = self._loop = asyncio.get_running_loop()
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        self._send = send
+        watcher = self._watch(receive)
+        frames = self.frames
         try:
-            await self._send_body(send, encode_comment("stream open"))
-            await self._race(send, receive)
-        except (TimeoutError, OSError):
-            disconnected = True
+            # A first comment right away: proxies and browsers see the stream is open at once.
+            await self._send_body(send, _OPEN)
+            heartbeat_scheduler(loop).file(self, self._next_check(loop.time()))
+            async for chunk in frames:
+                await self._send_body(
+                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
+                )
+                del chunk  # an idle stream holds no frame while it waits
+        except asyncio.CancelledError:
+            if self._failure is None:
+                raise  # cancelled from outside (server shutdown)
+            task.uncancel()
+        except OSError:
+            self._failure = _FAILED
         finally:
+            # Before any await: from here on nothing may cancel this task on our behalf.
+            self._closed = True
+            # The scheduler may hold this object until the stream's bucket fires: keep
+            # nothing of the connection alive through it.
+            self._send = self._task = self._watcher = None
+            watcher.cancel()
+            if self._pinging is not None:
+                self._pinging.cancel()
             with contextlib.suppress(Exception):
-                await self.frames.aclose()  # type: ignore[attr-defined]
-        if not disconnected:
+                await frames.aclose()  # type: ignore[attr-defined]
+        if self._failure in (None, _DISCONNECT):
             with contextlib.suppress(OSError):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send(_END)
+
+    async def _send_body(self, send: Send, message: Message) -> None:
+        if self._pinging is not None:
+            await self._pinging  # a ping held up by flow control goes first
+        loop = self._loop
+        assert loop is not None
+        self._send_started = loop.time()
+        try:
+            await send(message)
+        finally:
+            self._send_started = None
+        self._last_send = loop.time()
+
+    def _watch(self, receive: Receive) -> asyncio.Future[Message]:
+        """Wait for the disconnect: ``receive()`` itself is the task (no coroutine of ours
+        around it), and its done callback reads the message."""
+        watcher = self._watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(functools.partial(self._received, receive))
+        return watcher
+
+    def _received(self, receive: Receive, watcher: asyncio.Future[Message]) -> None:
+        if watcher.cancelled() or watcher is not self._watcher:
+            return
+        exc = watcher.exception()
+        if exc is None and watcher.result()["type"] != "http.disconnect":
+            self._watch(receive)  # more request body (unread by the route): keep listening
+            return
+        self._abort(_DISCONNECT)  # a broken receive channel is a gone client too
+
+    def _abort(self, reason: str) -> None:
+        """End the stream from outside its pump (disconnect, timeout, failed ping)."""
+        if self._closed or self._failure is not None or self._task is None:
+            return
+        self._failure = reason
+        self._task.cancel()
+
+    # -- heartbeats and the send timeout (called by the scheduler) ----------------------------
+
+    def _next_check(self, now: float) -> float:
+        started = self._send_started
+        limit = self.send_timeout or math.inf
+        every = self.heartbeat if self.heartbeat > 0 else math.inf
+        if started is not None:
+            return min(started + limit, now + every)
+        due = self._last_send + every
+        return due if due != math.inf else now + limit
+
+    def _check(self, now: float) -> None:
+        if self._closed:
+            return
+        started = self._send_started
+        if started is not None and now - started >= (self.send_timeout or math.inf):
+            # A client that stops reading fills the socket; the send then blocks on flow
+            # control. Past the timeout we treat it as gone rather than hold the producer.
+            self._abort(_TIMEOUT)
+            return
+        if started is None and self.heartbeat > 0 and now - self._last_send >= self.heartbeat:
+            assert self._loop is not None and self._send is not None
+            self._pinging = self._loop.create_task(self._ping(self._send))
+            # The ping counts from now, not from when its task has sent it: the next
+            # check then lands one interval on, not one bucket past it.
+            self._send_started = self._last_send = now
+        heartbeat_scheduler(self._loop).file(self, self._next_check(now))
+
+    async def _ping(self, send: Send) -> None:
+        try:
+            await send(_PING)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the server could not write: the client is gone
+            self._abort(_FAILED)
+        finally:
+            self._send_started = None
+            self._pinging = None
