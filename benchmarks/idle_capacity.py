@@ -18,7 +18,12 @@ no task per connection):
 The server process is this file with ``--serve`` (it raises its own file-descriptor limit);
 ``/bench/stats`` reports its RSS, task count and loop stalls.
 
+``--breakdown [N]`` says where an idle stream's memory goes instead: the server under
+tracemalloc, snapshots at N and 2N idle streams, the difference per stream by component and
+by line, with gc object counts (``results/idle_capacity_breakdown.md``).
+
     python benchmarks/idle_capacity.py [--quick] [--streams N] [--active M] [--hold S]
+    python benchmarks/idle_capacity.py --breakdown [N]
 """
 
 from __future__ import annotations
@@ -430,8 +435,9 @@ def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) 
 _COMPONENTS = (
     ("/uvicorn/_compat.py", "event loop: uvloop transport, socket, handles (C)"),
     ("/uvicorn/main.py", "event loop: uvloop transport, socket, handles (C)"),
-    ("/uvicorn/middleware/", "ASGI layers held open (proxy headers, Starlette)"),
-    ("/starlette/", "ASGI layers held open (proxy headers, Starlette)"),
+    ("/uvicorn/middleware/", "ASGI layers held open (middleware, routing, handler)"),
+    ("/starlette/", "ASGI layers held open (middleware, routing, handler)"),
+    ("/tokenwire/server/auth.py", "ASGI layers held open (middleware, routing, handler)"),
     ("/uvicorn/", "uvicorn connection (protocol, parser, request cycle, scope)"),
     ("/tokenwire/server/http.py", "uvicorn connection (protocol, parser, request cycle, scope)"),
     ("/anyio/", "SSE transport (pump, heartbeats, disconnect watch)"),
