@@ -1,92 +1,119 @@
-"""The upstreams' httpx transport: httpcore's connection pool over plain asyncio sockets.
+"""The upstreams' httpx transport: pooled HTTP/1.1 keep-alive connections on asyncio
+protocols, responses parsed by httptools (llhttp, the parser uvicorn uses).
 
-httpx stays the client (pooled keep-alive connections, timeouts, TLS, its exceptions); only
-the lowest layer differs from ``httpx.AsyncHTTPTransport``: the network backend under
-httpcore's pool is an asyncio ``Protocol`` (``AsyncioBackend``) instead of anyio's streams.
+httpx stays the client: requests, timeouts, TLS contexts, responses and exceptions are
+httpx's. This replaces only what sits under ``httpx.AsyncHTTPTransport`` (httpcore's pool
+on anyio streams, h11 parsing), for the shape of an upstream relay: a few long responses,
+each one HTTP chunk per SSE message.
 
-Why: a relayed chunk is one network read, and anyio's read costs a cancel scope (even with
-no timeout), an ``Event`` and pausing then resuming the socket's reading (two selector
-updates) per read; on the lone-chunk path that was about a tenth of the relay's CPU. Here a
-read returns bytes already received, or waits on one future that ``data_received`` resolves;
-a read without a timeout arms no timer. Reading is paused only when 256 KiB are buffered.
+Why: with httpcore, every HTTP chunk was one h11 event (pure-Python parsing) carried up
+through six async-generator layers, and every network read cost an anyio cancel scope, an
+``Event`` and two selector updates (pausing, then resuming the socket's reading). At
+saturation that was half of the relay's CPU per chunk, and most of the producer's work on
+a lone chunk's path. Here llhttp de-chunks in C as bytes arrive (``data_received``), and
+the body iterator hands over *everything received so far* in one piece per wake-up, so a
+read that brought ten chunks costs one pass, not ten. A read without a read timeout arms
+no timer (the relay keeps its own first-token and idle deadlines).
 
-Errors are httpcore's own (``ReadError``, ``ConnectTimeout``…), which the transport maps to
-httpx's, as ``httpx.AsyncHTTPTransport`` does: callers see httpx exceptions only.
+What it promises (tests/test_relay_transport.py):
+- connections are pooled per (scheme, host, port) and reused after a complete response
+  that allows keep-alive; at most ``max_connections`` open at once (waiters get
+  ``PoolTimeout`` after the pool timeout); idle ones expire after ``keepalive_expiry``;
+  one the server closed while idle is never reused;
+- closing a response before its end closes its connection (the upstream sees the client
+  leave and stops generating);
+- a body cut short raises ``httpx.RemoteProtocolError``, bad framing
+  ``httpx.RemoteProtocolError``, refused connections ``httpx.ConnectError``, timeouts
+  ``httpx.ConnectTimeout`` / ``ReadTimeout`` / ``PoolTimeout``;
+- reading is paused while 256 KiB of a body wait unread (flow control).
+Not supported (not needed by an upstream relay): proxies, HTTP/2, ``Expect: 100-continue``,
+protocol upgrades.
 """
-
-# The timeout parameters are httpcore's network-backend interface (ASYNC109).
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import time
+from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
-import httpcore
+import httptools
 import httpx
 
-__all__ = ["AsyncioBackend", "UpstreamTransport"]
+__all__ = ["UpstreamTransport"]
 
-#: Buffered bytes past which the socket's reading is paused (flow control).
+#: Unread body bytes past which the socket's reading is paused.
 _HIGH_WATER = 256 * 1024
 
+_Key = tuple[bytes, bytes, int]
 
-class _Protocol(asyncio.Protocol):
-    """Buffers what the socket receives; wakes the one reader waiting (httpcore reads one
-    response at a time per connection)."""
 
-    __slots__ = (
-        "_drained",
-        "_paused",
-        "_waiter",
-        "chunks",
-        "closed",
-        "eof",
-        "error",
-        "size",
-        "transport",
-        "write_paused",
-    )
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; parses the response of the request in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: _Key) -> None:
+        self.key = key
         self.transport: asyncio.Transport | None = None
-        self.chunks: list[bytes] = []
+        self.parser: httptools.HttpResponseParser | None = None
+        self.reason = b""
+        self.status = 0
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.until_eof = False  # the body ends when the connection does (no framing)
+        self.keep_alive = False
+        self.complete = False
+        self.body: list[bytes] = []
         self.size = 0
-        self.eof = False
         self.closed = False
-        self.error: BaseException | None = None
-        self.write_paused = False
+        self.error: Exception | None = None
+        self.idle_since = 0.0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
+        self.write_paused = False
 
-    # -- asyncio callbacks ---------------------------------------------------------------
+    # -- asyncio -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, but have its methods.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
+        parser = self.parser
+        if parser is None:  # bytes on an idle connection: it cannot be trusted again
+            self.error = httpx.RemoteProtocolError("unexpected data on an idle connection")
+            self.close()
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
+            self.close()
         if self.size > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False  # close the transport: HTTP/1.1 has no use for a half-open socket
+        self._ended()
+        return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.error = exc
-        self._wake()
-        self.resume_writing()
+        self._ended()
+        self.write_paused = False
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    def _ended(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.until_eof and self.headers_done:
+                self.complete = True
+            self._wake()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -97,213 +124,141 @@ class _Protocol(asyncio.Protocol):
         if drained is not None and not drained.done():
             drained.set_result(None)
 
+    # -- httptools -----------------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        self.keep_alive = parser.should_keep_alive()
+        status = self.status = parser.get_status_code()
+        self.version = parser.get_http_version()
+        framed = any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers
+        )
+        self.until_eof = not framed and status >= 200 and status not in (204, 304)
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # -- for the transport ---------------------------------------------------------------
+
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    # -- for the stream ------------------------------------------------------------------
+    async def wait(self, seconds: float | None) -> None:
+        """Until something arrives (or the connection ends)."""
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        if seconds is None:
+            await waiter  # no timer per read: the relay keeps its own deadlines
+            return
+        try:
+            async with asyncio.timeout(seconds):
+                await waiter
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no data for {seconds:g}s") from None
 
-    def take(self, max_bytes: int) -> bytes:
-        chunks = self.chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if len(data) > max_bytes:
-            self.chunks = [data[max_bytes:]]
-            data = data[:max_bytes]
-        else:
-            self.chunks = []
-        self.size -= len(data)
-        if self._paused and self.size <= _HIGH_WATER // 4 and self.transport is not None:
+    def take_body(self) -> bytes:
+        body = self.body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        self.body = []
+        self.size = 0
+        if self._paused and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
         return data
 
-    def wait_data(self) -> asyncio.Future[None]:
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        return waiter
+    def start(self) -> None:
+        """Ready to parse the response of a new request."""
+        self.parser = httptools.HttpResponseParser(self)
+        self.reason = b""
+        self.headers = []
+        self.headers_done = self.until_eof = self.keep_alive = self.complete = False
+        self.body = []
+        self.size = 0
 
-    def wait_drained(self) -> asyncio.Future[None]:
-        drained = self._drained = asyncio.get_running_loop().create_future()
-        return drained
-
-
-class _Stream(httpcore.AsyncNetworkStream):
-    def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        protocol = self._protocol
-        while not protocol.chunks:
-            if protocol.closed or protocol.eof:
-                if protocol.error is not None:
-                    raise httpcore.ReadError(str(protocol.error) or type(protocol.error).__name__)
-                return b""
-            waiter = protocol.wait_data()
-            if timeout is None:
-                await waiter  # no timer per read: the relay keeps its own deadlines
-                continue
+    async def write(self, data: bytes, seconds: float | None) -> None:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise httpx.WriteError("the connection is closed")
+        transport.write(data)
+        if self.write_paused:
+            self._drained = asyncio.get_running_loop().create_future()
             try:
-                async with asyncio.timeout(timeout):
-                    await waiter
+                async with asyncio.timeout(seconds):
+                    await self._drained
             except TimeoutError:
-                raise httpcore.ReadTimeout(f"no data for {timeout:g}s") from None
-        return protocol.take(max_bytes)
+                raise httpx.WriteTimeout(f"could not write for {seconds:g}s") from None
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
-            return
-        protocol = self._protocol
-        if protocol.closed or self._transport.is_closing():
-            raise httpcore.WriteError("the connection is closed")
-        self._transport.write(buffer)
-        if protocol.write_paused:
-            try:
-                async with asyncio.timeout(timeout):
-                    await protocol.wait_drained()
-            except TimeoutError:
-                raise httpcore.WriteTimeout(f"could not write for {timeout:g}s") from None
-            if protocol.closed:
-                raise httpcore.WriteError("the connection closed while writing")
+    def reusable(self, now: float, expiry: float | None) -> bool:
+        return (
+            not self.closed
+            and self.error is None
+            and not self.body
+            and (expiry is None or now - self.idle_since < expiry)
+        )
 
-    async def aclose(self) -> None:
-        self._transport.close()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport = await loop.start_tls(
-                    self._transport, self._protocol, ssl_context, server_hostname=server_hostname
-                )
-        except TimeoutError:
-            self._transport.close()
-            raise httpcore.ConnectTimeout(f"TLS handshake took over {timeout:g}s") from None
-        except (OSError, ssl.SSLError) as exc:
-            self._transport.close()
-            raise httpcore.ConnectError(str(exc)) from exc
-        tls = cast(asyncio.Transport, transport)
-        self._protocol.transport = tls
-        return _Stream(tls, self._protocol)
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            # Data or EOF on an idle connection: the server closed it (httpcore then
-            # drops it from the pool instead of sending a request into it).
-            protocol = self._protocol
-            return bool(protocol.chunks) or protocol.eof or protocol.closed
-        key = {
-            "ssl_object": "ssl_object",
-            "client_addr": "sockname",
-            "server_addr": "peername",
-            "socket": "socket",
-        }.get(info)
-        return self._transport.get_extra_info(key) if key else None
-
-
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """httpcore's network backend on asyncio protocols (see the module docstring)."""
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[tuple[Any, ...]] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        local = (local_address, 0) if local_address else None
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_connection(
-                    _Protocol, host, port, local_addr=local
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"connecting took over {timeout:g}s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _set_options(transport, socket_options)
-        return _Stream(transport, protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[tuple[Any, ...]] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, protocol = await loop.create_unix_connection(_Protocol, path)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"connecting took over {timeout:g}s") from None
-        except OSError as exc:
-            raise httpcore.ConnectError(str(exc)) from exc
-        _set_options(transport, socket_options)
-        return _Stream(transport, protocol)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-def _set_options(
-    transport: asyncio.Transport,
-    options: Iterable[tuple[Any, ...]] | None,
-) -> None:
-    sock: socket.socket | None = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    for option in options or ():
-        sock.setsockopt(*option)
-
-
-# -- the httpx transport ---------------------------------------------------------------------
-
-
-def _to_httpx(exc: Exception) -> Exception:
-    """An httpcore exception as the httpx exception of the same name (as httpx maps them)."""
-    for cls in type(exc).__mro__:
-        mapped = getattr(httpx, cls.__name__, None)
-        if isinstance(mapped, type) and issubclass(mapped, httpx.TransportError):
-            error: Exception = mapped(str(exc))
-            return error
-    return exc
-
-
-_HTTPCORE_ERRORS = (
-    httpcore.TimeoutException,
-    httpcore.NetworkError,
-    httpcore.ProtocolError,
-    httpcore.ProxyError,
-    httpcore.UnsupportedProtocol,
-)
+    def close(self) -> None:
+        self.parser = None
+        if self.transport is not None:
+            self.transport.close()
+        self._ended()
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, stream: AsyncIterable[bytes]) -> None:
-        self._stream = stream
+    """A response body: everything received since the last read, in one piece."""
+
+    def __init__(
+        self, transport: UpstreamTransport, connection: _Connection, timeout: float | None
+    ) -> None:
+        self._transport = transport
+        self._connection: _Connection | None = connection
+        self._timeout = timeout
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        if connection is None:
+            return
+        timeout = self._timeout
         try:
-            async for part in self._stream:
-                yield part
-        except _HTTPCORE_ERRORS as exc:
-            raise _to_httpx(exc) from exc
+            while True:
+                if connection.body:
+                    yield connection.take_body()
+                elif connection.complete:
+                    break
+                elif connection.error is not None:
+                    raise connection.error
+                elif connection.closed:
+                    raise httpx.RemoteProtocolError(
+                        "peer closed connection without sending complete message body"
+                    )
+                else:
+                    await connection.wait(timeout)
+        except BaseException:
+            await self.aclose()
+            raise
+        await self.aclose()
 
     async def aclose(self) -> None:
-        aclose = getattr(self._stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._transport._release(connection)
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):
-    """``httpx.AsyncHTTPTransport`` for HTTP/1.1 without proxies, on ``AsyncioBackend``."""
+    """An ``httpx.AsyncBaseTransport`` for HTTP/1.1 upstreams (see the module docstring)."""
 
     def __init__(
         self,
@@ -311,39 +266,180 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
         limits: httpx.Limits,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context or httpx.create_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=AsyncioBackend(),
+        self._ssl = ssl_context
+        self._max = limits.max_connections or 1_000_000
+        self._max_idle = (
+            limits.max_keepalive_connections
+            if limits.max_keepalive_connections is not None
+            else self._max
         )
+        self._expiry = limits.keepalive_expiry
+        self._idle: dict[_Key, list[_Connection]] = {}
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return self._ssl
+
+    async def _acquire(self, key: _Key, timeouts: dict[str, Any]) -> _Connection:
+        loop = asyncio.get_running_loop()
+        pool_timeout = timeouts.get("pool")
+        deadline = None if pool_timeout is None else loop.time() + pool_timeout
+        while True:
+            now = time.monotonic()
+            idle = self._idle.get(key)
+            while idle:
+                connection = idle.pop()
+                if connection.reusable(now, self._expiry):
+                    return connection
+                self._discard(connection)
+            if self._open >= self._max:
+                self._close_oldest_idle()  # an idle connection to another host makes room
+            if self._open < self._max:
+                break
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError:
+                raise httpx.PoolTimeout("no connection became free in time") from None
+        self._open += 1
+        try:
+            return await self._connect(key, timeouts.get("connect"))
+        except BaseException:
+            self._open -= 1
+            self._wake_waiter()
+            raise
+
+    def _close_oldest_idle(self) -> None:
+        oldest: _Connection | None = None
+        for idle in self._idle.values():
+            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
+                oldest = idle[0]
+        if oldest is not None:
+            self._idle[oldest.key].remove(oldest)
+            self._discard(oldest)
+
+    async def _connect(self, key: _Key, seconds: float | None) -> _Connection:
+        scheme, host, port = key
+        loop = asyncio.get_running_loop()
+        hostname = host.decode("ascii")
+        tls = self._ssl_context() if scheme == b"https" else None
+        try:
+            async with asyncio.timeout(seconds):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(key),
+                    hostname,
+                    port,
+                    ssl=tls,
+                    server_hostname=hostname if tls is not None else None,
+                )
+        except TimeoutError:
+            raise httpx.ConnectTimeout(f"connecting to {hostname}:{port} took too long") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        """The response is closed: keep its connection for the next request, or close it."""
+        if (
+            not self._closed
+            and connection.complete
+            and connection.keep_alive
+            and not connection.closed
+            and connection.error is None
+            and not connection.body
+        ):
+            connection.parser = None
+            connection.idle_since = time.monotonic()
+            idle = self._idle.setdefault(connection.key, [])
+            if len(idle) < self._max_idle:
+                idle.append(connection)
+                self._wake_waiter()
+                return
+        self._discard(connection)
+
+    def _discard(self, connection: _Connection) -> None:
+        connection.close()
+        self._open -= 1
+        self._wake_waiter()
+
+    def _wake_waiter(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # -- httpx ---------------------------------------------------------------------------
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        assert isinstance(request.stream, httpx.AsyncByteStream)
-        core = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(
-                scheme=request.url.raw_scheme,
-                host=request.url.raw_host,
-                port=request.url.port,
-                target=request.url.raw_path,
-            ),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
+        if self._closed:
+            raise httpx.ConnectError("the transport is closed")
+        url = request.url
+        scheme = url.raw_scheme
+        if scheme not in (b"http", b"https"):
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme.decode()!r}")
+        port = url.port or (443 if scheme == b"https" else 80)
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        connection = await self._acquire((scheme, url.raw_host, port), timeouts)
         try:
-            response = await self._pool.handle_async_request(core)
-        except _HTTPCORE_ERRORS as exc:
-            raise _to_httpx(exc) from exc
-        assert isinstance(response.stream, AsyncIterable)
+            connection.start()
+            await self._send(connection, request, timeouts.get("write"))
+            read_timeout = timeouts.get("read")
+            while not connection.headers_done:
+                if connection.error is not None:
+                    raise connection.error
+                if connection.closed:
+                    raise httpx.RemoteProtocolError(
+                        "Server disconnected without sending a response."
+                    )
+                await connection.wait(read_timeout)
+        except BaseException:
+            self._discard(connection)
+            raise
         return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_Body(response.stream),
-            extensions=response.extensions,
+            status_code=connection.status,
+            headers=connection.headers,
+            stream=_Body(self, connection, read_timeout),
+            extensions={
+                "http_version": f"HTTP/{connection.version}".encode(),
+                "reason_phrase": connection.reason,
+            },
         )
 
+    async def _send(
+        self, connection: _Connection, request: httpx.Request, seconds: float | None
+    ) -> None:
+        head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), request.url.raw_path)]
+        chunked = False
+        for name, value in request.headers.raw:
+            head.append(b"%s: %s\r\n" % (name, value))
+            if name.lower() == b"transfer-encoding" and value.lower() == b"chunked":
+                chunked = True
+        head.append(b"\r\n")
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        if not chunked:
+            parts = [b"".join(head)]
+            async for part in request.stream:
+                parts.append(part)
+            await connection.write(b"".join(parts), seconds)
+            return
+        await connection.write(b"".join(head), seconds)
+        async for part in request.stream:
+            if part:
+                await connection.write(b"%x\r\n%s\r\n" % (len(part), part), seconds)
+        await connection.write(b"0\r\n\r\n", seconds)
+
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                self._discard(connection)
+        self._idle.clear()

@@ -5,14 +5,22 @@ and how to turn the upstream's SSE messages into events (a ``ChunkDecoder``). Th
 runs one attempt against one upstream (``UpstreamCall``) and promises:
 
 - the upstream's bytes are parsed incrementally (``SSEParser``): each byte is scanned once,
-  and the events of a network read are handed on the moment the read returns;
+  and the events of a network read are handed on the moment the read returns; the body is
+  read through ``UpstreamTransport`` (``_transport.py``: httpx over pooled asyncio
+  connections, de-chunked by llhttp), which hands over all bytes received in one piece;
 - ``opened`` resolves when the upstream answered 2xx; refused connections, 5xx and timeouts
   raise ``BackendUnavailable`` / ``BackendTimeout``, a 4xx the client caused raises
   ``InvalidRequest`` (the gateway fails over on the former, never on the latter);
-- a first-token deadline, then an inter-token idle deadline, both kept by one timer that is
-  re-armed only when it fires (no per-chunk timer cost);
-- Stop (the ``CancelToken``), a timeout or closing the call cancels the reader task at once,
-  which closes the upstream HTTP connection, so the upstream stops generating.
+- up to the first token a task of the call's own reads (so the gateway can wait for it with
+  a deadline); from then on the consumer reads in its own task, so a chunk goes from the
+  socket to the journal with no hand-off between tasks;
+- a first-token deadline, then an inter-token idle deadline (time spent waiting on the
+  upstream), both kept by one timer that is re-armed only when it fires (no per-chunk
+  timer cost);
+- Stop (the ``CancelToken``), a timeout or closing the call ends the wait on the upstream at
+  once (cancelling the opening task, or the consumer's read in progress as
+  ``asyncio.timeout`` does), which closes the upstream HTTP connection, so the upstream
+  stops generating.
 
 Foreign exceptions (httpx) are translated here, at the edge.
 """
@@ -274,12 +282,14 @@ class UpstreamCall:
             chunks = response.aiter_raw()
             async for raw in chunks:
                 events: list[Event] = []
-                for name, data in feed(raw):
-                    events += decode(name, data)
-                    if decoder.done:
-                        break
-                if events:
-                    self._push(events)
+                try:
+                    for name, data in feed(raw):
+                        events += decode(name, data)
+                        if decoder.done:
+                            break
+                finally:
+                    if events:  # a read's good messages go out before its bad one's error
+                        self._push(events)
                 if decoder.done:
                     break
                 if self._content:

@@ -19,13 +19,24 @@ from collections.abc import AsyncIterator
 import orjson
 
 from tokenwire.errors import StreamExpired, StreamNotFound
-from tokenwire.events import Event
+from tokenwire.events import Event, TextDelta
 from tokenwire.journal.base import Journal, StreamMeta
 
 __all__ = ["MemoryJournal"]
 
 #: Most events ``read_batches`` hands out at once.
 _BATCH = 256
+
+
+#: ``{"type":"text.delta","seq":,"text":}`` around a TextDelta's seq and text.
+_TEXT_DELTA_SIZE = len(b'{"type":"text.delta","seq":,"text":}')
+
+
+def _size(event: Event) -> int:
+    """An event's JSON size; the per-token case without building its dict."""
+    if type(event) is TextDelta:
+        return _TEXT_DELTA_SIZE + len(str(event.seq)) + len(orjson.dumps(event.text))
+    return len(orjson.dumps(event.to_dict()))
 
 
 class _Log:
@@ -89,7 +100,7 @@ class MemoryJournal(Journal):
         event.seq = len(log.events)
         log.events.append(event)
         if self.max_bytes:
-            size = len(orjson.dumps(event.to_dict()))
+            size = _size(event)
             log.size += size
             self._bytes += size
         if event.terminal:

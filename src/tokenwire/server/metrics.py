@@ -14,17 +14,22 @@ What it promises:
 - ``tokenwire_cache_lookups_total{result}`` when a response cache is configured.
 
 Each app has its own ``CollectorRegistry`` (several apps in one test process must not clash).
-Per-token cost: one dict lookup, one ``perf_counter`` and one histogram observe.
+Per-token cost: one dict lookup, one ``perf_counter`` and one histogram observe, which for
+the two per-token histograms is a bisect and a list increment (``LoopHistogram``: no lock,
+as only the event loop observes; prometheus-client's ``observe`` takes a lock per call).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import HistogramMetricFamily
 
 from tokenwire.events import Event, StreamCancelled, StreamFailed, TextDelta, Usage
 
@@ -34,23 +39,55 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+class LoopHistogram:
+    """A histogram observed from the event loop only: ``observe`` is a bisect and a list
+    increment, with no lock. Exposed like prometheus-client's (``_bucket``, ``_count``,
+    ``_sum``) through ``collect()``."""
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: +Inf
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1  # le: upper bounds inclusive
+        self._sum += value
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        cumulative = list(itertools.accumulate(self._counts))
+        les = [*(repr(b) for b in self._bounds), "+Inf"]  # as prometheus-client writes them
+        return [
+            HistogramMetricFamily(
+                self.name,
+                self.documentation,
+                buckets=list(zip(les, cumulative, strict=True)),
+                sum_value=self._sum,
+            )
+        ]
+
+
 class Metrics:
     """All of tokenwire's metrics in one registry; also the stream manager's observer."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ttft = Histogram(
+        self.ttft = LoopHistogram(
             "tokenwire_ttft_seconds",
             "Time from request acceptance to the first text delta.",
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
+            r,
         )
-        self.inter_token = Histogram(
+        self.inter_token = LoopHistogram(
             "tokenwire_inter_token_seconds",
             "Time between consecutive text deltas of one stream.",
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
+            r,
         )
         self.tokens_out = Counter(
             "tokenwire_tokens_out", "Completion tokens generated (from usage).", registry=r
