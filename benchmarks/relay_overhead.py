@@ -7,9 +7,11 @@ stamp arrives, so per-chunk latency is one-way on one clock; the relays' added l
 their latency minus the direct path's, from interleaved rounds (noise hits all alike).
 
 Reported per path: TTFT (request written → first stamped chunk read) and per-chunk one-way
-latency p50/p99, inter-token gaps p50/p99; added TTFT / latency vs direct; and, at
-saturation (gap 0, several concurrent streams), the relay process's CPU µs per relayed chunk
-(from /proc: user + system time over the run) and chunks/s per core.
+latency p50/p99, inter-token gaps p50/p99; added TTFT / latency vs direct; the relay
+process's CPU µs per *lone* chunk (the latency rounds: one chunk every ``gap``, so each one
+wakes the relay from idle; the relay's CPU over a round, from /proc schedstat in ns, minus
+its fixed per-request CPU, over the chunks); and, at saturation (gap 0, several concurrent
+streams), CPU µs per relayed chunk (schedstat over the run) and chunks/s per core.
 
 LiteLLM's proxy runs from its own virtualenv: ``make bench-env`` makes ``.venv-bench`` with
 pyproject's ``bench`` extra (``litellm[proxy]`` pins an older openai than the dev tools use);
@@ -45,7 +47,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 UPSTREAM = ROOT / "tests" / "fault_upstream.py"
 STAMP = re.compile(rb"(\d+)@(\d+)@")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
@@ -81,19 +82,25 @@ def process(
                 proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live children (LiteLLM may fork)."""
-    total = 0.0
+def process_tree(pid: int) -> list[int]:
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        pids += [int(c) for c in children]
-    for p in pids:
+        pids += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
+def cpu_ns(pid: int) -> int:
+    """On-CPU nanoseconds of every thread of a process and its live children (schedstat:
+    precise where /proc/stat's ticks are 10 ms)."""
+    total = 0
+    for p in process_tree(pid):
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
         except FileNotFoundError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        for task in tasks:
+            with suppress(FileNotFoundError, ProcessLookupError):
+                total += int((task / "schedstat").read_text().split()[0])
     return total
 
 
@@ -177,11 +184,11 @@ async def saturate(
 def saturation_run(
     pid: int, port: int, path: str, model: str, chunks: int, streams: int
 ) -> dict[str, float]:
-    cpu_before = cpu_seconds(pid)
+    cpu_before = cpu_ns(pid)
     wall = time.perf_counter()
     relayed, _ = asyncio.run(saturate(port, path, model, chunks, streams))
     wall = time.perf_counter() - wall
-    cpu = cpu_seconds(pid) - cpu_before
+    cpu = (cpu_ns(pid) - cpu_before) / 1e9
     if relayed != chunks * streams:
         raise RuntimeError(f"saturation on {port}: relayed {relayed} of {chunks * streams}")
     return {
@@ -299,9 +306,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 order = list(paths) if index % 2 == 0 else list(reversed(paths))
                 for name in order:
                     port, path = paths[name]
-                    runs[name].append(latency_run(port, path, "fast", args.chunks, args.gap))
+                    pid = pids.get(name)
+                    before = cpu_ns(pid) if pid else 0
+                    run = latency_run(port, path, "fast", args.chunks, args.gap)
+                    if pid:
+                        run["cpu_ns"] = cpu_ns(pid) - before
+                    runs[name].append(run)
         finally:
             set_realtime(realtime, False)
+        # A relay's fixed CPU per request (routing, upstream request, headers, the end), to
+        # take out of the latency rounds' CPU: the median of short requests of one chunk.
+        fixed_ns: dict[str, float] = {}
+        for name, pid in pids.items():
+            port, path = paths[name]
+            spent = []
+            for _ in range(9):
+                before = cpu_ns(pid)
+                latency_run(port, path, "fast", 1, args.gap)
+                spent.append(cpu_ns(pid) - before)
+            fixed_ns[name] = statistics.median(spent)
+        lone_us = {
+            name: statistics.median(
+                (r["cpu_ns"] - fixed_ns[name]) / (args.chunks - 1) / 1000 for r in runs[name]
+            )
+            for name in pids
+        }
         # LiteLLM relays ~10x slower: a tenth of the chunks keeps the run short; CPU per
         # chunk is a rate, so the comparison holds.
         sat_chunks = {"tokenwire": args.sat_chunks, "litellm": max(500, args.sat_chunks // 10)}
@@ -340,6 +369,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios["cpu_per_chunk_litellm_over_tokenwire"] = (
             saturation["litellm"]["cpu_us_per_chunk"] / saturation["tokenwire"]["cpu_us_per_chunk"]
         )
+        ratios["cpu_per_lone_chunk_litellm_over_tokenwire"] = (
+            lone_us["litellm"] / lone_us["tokenwire"]
+        )
     result = {
         "benchmark": "relay_overhead",
         "config": {
@@ -354,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paths": summary,
         "added_vs_direct": added,
         "saturation": saturation,
+        "lone_chunk_cpu_us": lone_us,
+        "fixed_request_cpu_us": {name: ns / 1000 for name, ns in fixed_ns.items()},
         "ratios": ratios,
         "goals": {
             "tokenwire_added_latency_p99_ms": "<= 1.0",
@@ -387,15 +421,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lines += [
         "",
         "| relay | added TTFT p50 ms | added latency p50 ms | p90 ms | p99 ms | "
-        "CPU µs/chunk | chunks/s/core | chunks/s wall |",
-        "|---|---|---|---|---|---|---|---|",
+        "CPU µs/lone chunk | CPU µs/chunk at saturation | chunks/s/core | chunks/s wall |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, a in added.items():
         sat = saturation[name]
         lines.append(
             f"| {name} | {a['ttft_ms_p50']:.2f} | {a['latency_ms_p50']:.3f} | "
             f"{a['latency_ms_p90']:.3f} | {a['latency_ms_p99']:.3f} | "
-            f"{sat['cpu_us_per_chunk']:.1f} | "
+            f"{lone_us[name]:.0f} | {sat['cpu_us_per_chunk']:.1f} | "
             f"{sat['chunks_per_s_per_core']:.0f} | {sat['chunks_per_s_wall']:.0f} |"
         )
     if not litellm:
