@@ -8,7 +8,8 @@ count) run at once. A send that the client does not take within ``send_timeout``
 stopped reading and the socket filled) ends the stream as a disconnect.
 
 What an open stream costs is what bounds how many idle streams a process holds
-(benchmarks/idle_capacity.py, ~20 KB each at 10,000), so an idle stream is kept lean:
+(benchmarks/idle_capacity.py: ~17.5 KB each at 10,000, its --breakdown says where it goes), so
+an idle stream is kept lean:
 
 - one task of its own (the request's) pumping frames, plus one waiting for the disconnect;
 - no timer or task per stream for heartbeats: one ``HeartbeatScheduler`` per event loop keeps
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -45,6 +47,8 @@ __all__ = [
     "encode",
     "encode_comment",
 ]
+
+log = logging.getLogger("tokenwire.transports.sse")
 
 #: Headers every streaming response carries: no caching, no proxy buffering, no compression.
 STREAM_HEADERS = {
@@ -135,7 +139,10 @@ class HeartbeatScheduler:
         if bucket:
             now = self._loop.time()
             for stream in bucket:
-                stream._check(now)
+                try:
+                    stream._check(now)
+                except Exception:  # one stream's bug must not stop the others' heartbeats
+                    log.exception("heartbeat check failed")
 
     def __len__(self) -> int:
         """Streams filed (closed ones included until their bucket fires)."""
