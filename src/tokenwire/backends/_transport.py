@@ -74,6 +74,8 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self.write_paused = False
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
 
     # -- asyncio -------------------------------------------------------------------------
 
@@ -160,7 +162,7 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, seconds: float | None) -> None:
         """Until something arrives (or the connection ends)."""
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = self._waiter = self._loop.create_future()
         if seconds is None:
             await waiter  # no timer per read: the relay keeps its own deadlines
             return

@@ -40,9 +40,11 @@ def _size(event: Event) -> int:
 
 
 class _Log:
-    __slots__ = ("_waiters", "events", "finished_at", "meta", "size")
+    __slots__ = ("_loop", "_waiters", "events", "finished_at", "meta", "size")
 
     def __init__(self, meta: StreamMeta) -> None:
+        # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self._loop = asyncio.get_running_loop()
         self.meta = meta
         self.events: list[Event] = []
         self.finished_at: float | None = None
@@ -59,7 +61,7 @@ class _Log:
 
     def changed(self) -> asyncio.Future[None]:
         """A future of the calling reader's own, resolved by the next append."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = self._loop.create_future()
         waiters = self._waiters
         if waiters is None:
             self._waiters = [waiter]
