@@ -205,6 +205,19 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
     assert up.connections == 3
 
 
+async def test_bytes_after_a_response_make_its_connection_unusable() -> None:
+    async def extra(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokGARBAGE")
+        await writer.drain()
+
+    async with upstream(extra) as up, fast_client() as client:
+        for _ in range(2):
+            response = await client.post(f"http://127.0.0.1:{up.port}/", content=b"{}")
+            assert response.content == b"ok"
+            await asyncio.sleep(0.05)
+    assert up.connections == 2
+
+
 async def test_pool_limit_waits_then_times_out() -> None:
     async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.5)

@@ -85,8 +85,9 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self.parser
-        if parser is None:  # bytes on an idle connection: it cannot be trusted again
-            self.error = httpx.RemoteProtocolError("unexpected data on an idle connection")
+        if parser is None or self.complete:
+            # Bytes on an idle connection or after the response: it cannot be trusted again.
+            self.error = httpx.RemoteProtocolError("unexpected data after the response")
             self.close()
             return
         try:
