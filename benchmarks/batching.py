@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = "batching_smoke" if args.smoke else "batching_quick" if args.quick else "batching"
     if args.requantize:
         stem += f"_{args.requantize}"
+    if args.threads_batch != args.threads:
+        stem += f"_tb{args.threads_batch}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(result))
