@@ -83,6 +83,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             n_threads=args.threads,
             n_threads_batch=args.threads_batch,
             requantize=args.requantize,
+            # Rounds repeat the same prompts: every prefill stays cold, as for new prompts.
+            prompt_cache=False,
         )
         for name, parallel in (("batched", 8), ("serial", 1))
     }
@@ -152,8 +154,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"{os.cpu_count()} cores, {result['threads']} decode thread(s) for one-token steps, "
         f"{result.get('threads_batch', result['threads'])} for batched steps and prefill, weights "
-        f"{'re-quantized to ' + result['requantize'] if result['requantize'] else 'as shipped'}, "
-        f"{result['max_tokens']} tokens per stream, seeded sampling, median of "
+        f"`--requantize {result['requantize']}`, "
+        f"{result['max_tokens']} tokens per stream, seeded sampling, no prompt cache, median of "
         f"{result['rounds']} interleaved rounds.",
         "",
         "| backend | streams | aggregate tokens/s | TTFT p50 | TTFT max |",
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=None, help="default: the server's")
     parser.add_argument("--threads-batch", type=int, default=None, help="default: the server's")
-    parser.add_argument("--requantize", help="q4_0 / q8_0: re-quantized weights (--requantize)")
+    parser.add_argument("--requantize", default="auto", help="auto (the server's), off, q4_0, q8_0")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.max_tokens = 1, min(args.max_tokens, 48)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.threads_batch = args.threads
     result = asyncio.run(measure(args))
     stem = "batching_smoke" if args.smoke else "batching_quick" if args.quick else "batching"
-    if args.requantize:
+    if args.requantize != "auto":
         stem += f"_{args.requantize}"
     if args.threads_batch != args.threads:
         stem += f"_tb{args.threads_batch}"

@@ -1,6 +1,7 @@
 """tokenwire's embedded model vs llama-cpp-python's own server, side by side in one run.
 
-Both serve the same GGUF with the same threads and context; requests alternate between them
+Both serve the same GGUF (the weights tokenwire serves by default) with the same threads and
+context; requests alternate between them
 (interleaved rounds, so machine noise hits both alike) at temperature 0. Every request opens
 with a system message of its own, so neither server can answer from a cached prompt prefix:
 TTFT is a cold prefill for both.
@@ -35,7 +36,7 @@ import httpx
 from _common import free_port, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+PROMPT = [{"role": "user", "content": "Count from 1 to 300 without stopping: 1, 2, 3,"}]
 
 
 def wait_healthy(url: str, timeout: float = 120) -> None:
@@ -188,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     concurrent_rounds = 1 if args.quick else 3
     concurrent_tokens = 32 if args.quick else 64
 
-    from tokenwire.backends.llamacpp import default_model_path
+    from tokenwire.backends.llamacpp import default_model_path, serving_weights
 
-    model = str(default_model_path())
+    # The weights tokenwire serves by default (--requantize auto: the shipped Q4_1 as q8_0),
+    # for the peer and the engine ceiling too: the same file for all three.
+    model = str(serving_weights(default_model_path(), "auto", threads=2))
     tw_port, peer_port = free_port(), free_port()
     python = sys.executable
     tokenwire_cmd = [

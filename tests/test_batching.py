@@ -58,12 +58,23 @@ def text_of(events: list[tuple[float, Event]]) -> str:
 PROMPTS = [f"Write one sentence about the number {n}." for n in range(4)]
 
 
+@pytest.mark.parametrize("split_below", [1, 99], ids=["one-batched-decode", "one-per-sequence"])
 async def test_concurrent_seeded_streams_all_complete_with_their_solo_text(
-    backend: LlamaCppBackend,
+    backend: LlamaCppBackend, split_below: int
 ) -> None:
+    """Both ways of running a decode step (one batched ``llama_decode``, or one per sequence
+    where the calibration found batching slower) give every stream its solo text, together."""
+    engine = backend._engine
+    assert engine is not None
+    calibrated, engine.split_below = engine.split_below, split_below
+    apart = engine.steps_apart
     chats = [request(p, temperature=0.9, seed=1000 + i) for i, p in enumerate(PROMPTS)]
-    solo = [text_of(await collect(backend, chat)) for chat in chats]
-    batched = await asyncio.gather(*(collect(backend, chat) for chat in chats))
+    try:
+        solo = [text_of(await collect(backend, chat)) for chat in chats]
+        batched = await asyncio.gather(*(collect(backend, chat) for chat in chats))
+    finally:
+        engine.split_below = calibrated
+    assert (engine.steps_apart > apart) == (split_below > len(PROMPTS))
     for events, alone in zip(batched, solo, strict=True):
         assert events[-1][1].type == "stream.completed"
         assert text_of(events) == alone

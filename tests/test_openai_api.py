@@ -17,7 +17,7 @@ from .conftest import RunningServer, tokenwire_server
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 #: A prompt the model answers at length, to hold the decode slot for a while.
-LONG = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+LONG = [{"role": "user", "content": "Count from 1 to 300 without stopping: 1, 2, 3,"}]
 #: A request that holds the decode slot for several seconds (greedy, so always long).
 LONG_BODY = {"model": "default", "messages": LONG, "stream": True, "temperature": 0}
 
@@ -176,7 +176,10 @@ def test_heartbeats_flow_while_a_stream_is_queued() -> None:
         with httpx.stream(
             "POST", f"{srv.url}/v1/chat/completions", json=long_body, timeout=60
         ) as first:
-            next(first.iter_lines())  # the first stream holds the model
+            # The first stream holds the model; its line iterator stays referenced, since an
+            # abandoned httpx iterator closes the connection (a disconnect, which frees it).
+            first_lines = first.iter_lines()
+            next(first_lines)
             with httpx.stream(
                 "POST", f"{srv.url}/v1/streams", json=long_body, timeout=60
             ) as second:
@@ -192,6 +195,7 @@ def test_heartbeats_flow_while_a_stream_is_queued() -> None:
                     assert time.monotonic() - started < 20
                 assert any('"stage":"queued"' in s for s in seen)
                 assert not any('"type":"text.delta"' in s for s in seen), seen
+                assert next(first_lines) is not None  # still streaming: it held the model
 
 
 # -- sampling ------------------------------------------------------------------------------
@@ -358,7 +362,8 @@ def test_full_queue_answers_429_with_retry_after() -> None:
             "temperature": 0,
         }
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as a:
-            next(a.iter_lines())
+            a_lines = a.iter_lines()  # referenced: an abandoned iterator closes the stream
+            next(a_lines)
             with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, timeout=60) as b:
                 assert b.status_code == 200  # queued, position 1
                 refused = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=30)
@@ -366,6 +371,7 @@ def test_full_queue_answers_429_with_retry_after() -> None:
                 assert int(refused.headers["retry-after"]) >= 1
                 error = refused.json()["error"]
                 assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+                assert next(a_lines) is not None
 
 
 def test_models_lists_default_and_the_real_name(server: RunningServer) -> None:

@@ -62,8 +62,9 @@ class Settings:
     prefill_chunk: int = 64
     #: Keep finished streams' KV cache for the next request with the same prompt prefix.
     prompt_cache: bool = True
-    #: Re-quantize the embedded model's weights once at start (q4_0, q8_0), cached; opt-in.
-    requantize: str | None = None
+    #: Re-quantize the embedded model's weights once at start, cached: auto (Q4_1 → q8_0),
+    #: off, q4_0, q8_0.
+    requantize: str = "auto"
     #: Response cache: off, deterministic (temperature 0 or a seed), all. See cache.py.
     cache: str = "off"
     cache_ttl: float = 600.0

@@ -56,7 +56,13 @@ from tokenwire.events import Event, Progress, StreamCompleted, TextDelta, Usage
 from tokenwire.requests import ChatRequest, Message, SamplingParams
 from tokenwire.stages.stop import StopMatcher
 
-__all__ = ["CHATML_TEMPLATE", "LlamaCppBackend", "default_model_path", "requantized_model"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "LlamaCppBackend",
+    "default_model_path",
+    "requantized_model",
+    "serving_weights",
+]
 
 log = logging.getLogger("tokenwire.backends.llamacpp")
 
@@ -94,6 +100,45 @@ def default_model_path() -> Path:
 #: ``--requantize`` targets: llama.cpp file types. Q4_0 has ggml's repacked GEMM kernels on
 #: x86/ARM, so a multi-token step costs far less than that many 1-token steps.
 REQUANTIZE_TYPES = {"q4_0": 2, "q8_0": 7}
+#: ``--requantize auto`` (the default): file types whose ggml CPU kernels are slow for steps of
+#: several tokens, and what they become. Q4_1 → Q8_0 (LLAMA_FTYPE_MOSTLY_Q4_1 = 3): Q8_0 holds
+#: every Q4_1 weight to within 6 % of a Q4_1 step, perplexity moves 20.53 → 20.54, and prefill
+#: runs 2x faster, decoding ~10 % faster (benchmarks/README.md, decode_kernels.py).
+AUTO_REQUANTIZE = {3: "q8_0"}
+
+
+def serving_weights(path: Path, requantize: str | None, *, threads: int = 1) -> Path:
+    """The GGUF the embedded model runs: ``path``, or its re-quantized copy.
+
+    ``requantize``: ``auto`` (re-quantize only the file types in ``AUTO_REQUANTIZE``), ``off``
+    (None), or a ``REQUANTIZE_TYPES`` name.
+    """
+    if not requantize or requantize == "off":
+        return path
+    if requantize != "auto":
+        return requantized_model(path, requantize, threads=threads)
+    target = AUTO_REQUANTIZE.get(_file_type(path))
+    if target is None:
+        return path
+    try:
+        return requantized_model(path, target, threads=threads)
+    except (BackendError, OSError) as exc:  # e.g. a read-only cache: serve the file as it is
+        log.warning("serving %s as it is: re-quantizing to %s failed: %s", path.name, target, exc)
+        return path
+
+
+def _file_type(path: Path) -> int:
+    """``general.file_type`` of a GGUF (-1 if absent), read without loading its weights."""
+    from llama_cpp import Llama
+
+    try:
+        llama = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise BackendError(f"could not load {path}: {exc}") from exc
+    try:
+        return int(llama.metadata.get("general.file_type", -1))
+    finally:
+        llama.close()
 
 
 def requantized_model(path: Path, quant: str, *, threads: int = 1) -> Path:
@@ -105,7 +150,8 @@ def requantized_model(path: Path, quant: str, *, threads: int = 1) -> Path:
     import llama_cpp
 
     if quant not in REQUANTIZE_TYPES:
-        raise BackendError(f"--requantize must be one of {sorted(REQUANTIZE_TYPES)}, not {quant!r}")
+        choices = ["auto", "off", *sorted(REQUANTIZE_TYPES)]
+        raise BackendError(f"--requantize must be one of {choices}, not {quant!r}")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenwire"
     stat = path.stat()
     target = cache / f"{path.stem}.{quant}.{stat.st_size}-{int(stat.st_mtime)}.gguf"
@@ -296,8 +342,11 @@ class _BatchEngine:
         # not one per token per stream.
         self._outbox: list[tuple[_Sequence, object]] = []
         self.steps = 0
+        self.steps_apart = 0  # decode steps run as one llama_decode per sequence
         self.prefix_copies = 0  # cached prefixes copied to another sequence id (_join)
         self.grammar_rejections = 0  # picks the grammar refused (then masked and resampled)
+        #: Decode-only steps of fewer sequences than this run one llama_decode per sequence.
+        self.split_below = self._calibrate()
         self._thread = threading.Thread(target=self._run, name="tokenwire-decode", daemon=True)
         self._thread.start()
 
@@ -506,6 +555,9 @@ class _BatchEngine:
                 self._finish(sequence, "cancelled")
         if not self._active:
             return
+        if len(self._active) < self.split_below and not any(s.prefilling for s in self._active):
+            self._step_apart()
+            return
         batch = self.batch
         n = 0
         outputs: list[tuple[_Sequence, int]] = []
@@ -573,33 +625,91 @@ class _BatchEngine:
             self._lib.llama_memory_seq_rm(self.memory, seq_id, position, -1)
         if status != 0:
             raise BackendError(f"llama_decode returned {status}")
-        pieces = self.pieces
-        eog = self.eog
-        sample = self._lib.llama_sampler_sample
-        ctx = self.context.ctx
         for sequence, index in outputs:
-            if sequence.grammar_sampler is None:
-                token = sample(sequence.sampler.sampler, ctx, index)
-            else:
-                token = self._sample_constrained(sequence, index)
-            if sequence.first_token_at is None:
-                sequence.first_token_at = time.perf_counter()
-            if sequence.should_stop():
-                self._finish(sequence, "cancelled")
-                continue
-            if token in eog:
-                self._finish(sequence, "stop")
-                continue
-            sequence.completed += 1
-            text, matched = sequence.stops.feed(sequence.decoder.decode(pieces[token]))
-            if text:
-                self._emit(sequence, text)
-            if matched:
-                self._finish(sequence, "stop_matched")
-            elif sequence.completed >= sequence.limit:
-                self._finish(sequence, "length")
-            else:
-                sequence.next_token = token
+            self._take(sequence, index)
+
+    def _step_apart(self) -> None:
+        """A decode-only step as one ``llama_decode`` per sequence (see ``split_below``)."""
+        batch = self.batch
+        for sequence in list(self._active):
+            self._kv_tokens[sequence.seq_id].append(sequence.next_token)
+            batch.token[0] = sequence.next_token
+            batch.pos[0] = sequence.n_past
+            batch.n_seq_id[0] = 1
+            batch.seq_id[0][0] = sequence.seq_id
+            batch.logits[0] = True
+            batch.n_tokens = 1
+            sequence.n_past += 1
+            status = self._lib.llama_decode(self.context.ctx, batch)
+            if status != 0:
+                raise BackendError(f"llama_decode returned {status}")
+            self._take(sequence, 0)
+        self.steps += 1
+        self.steps_apart += 1
+
+    def _take(self, sequence: _Sequence, index: int) -> None:
+        """Sample ``sequence``'s next token from the logits at ``index`` and pass it on."""
+        if sequence.grammar_sampler is None:
+            token = self._lib.llama_sampler_sample(
+                sequence.sampler.sampler, self.context.ctx, index
+            )
+        else:
+            token = self._sample_constrained(sequence, index)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = time.perf_counter()
+        if sequence.should_stop():
+            self._finish(sequence, "cancelled")
+            return
+        if token in self.eog:
+            self._finish(sequence, "stop")
+            return
+        sequence.completed += 1
+        text, matched = sequence.stops.feed(sequence.decoder.decode(self.pieces[token]))
+        if text:
+            self._emit(sequence, text)
+        if matched:
+            self._finish(sequence, "stop_matched")
+        elif sequence.completed >= sequence.limit:
+            self._finish(sequence, "length")
+        else:
+            sequence.next_token = token
+
+    def _calibrate(self) -> int:
+        """The smallest number of sequences for which one batched decode step beats one
+        ``llama_decode`` per sequence on this machine and these weights.
+
+        Some ggml CPU kernels gain nothing from a few extra tokens: with Q8_0 weights a step of
+        2 tokens took 4x a step of 1 here, with Q4_1 2.6x (benchmarks/decode_kernels.py).
+        Measured once at load (best of 2, after a warm-up), on throwaway tokens at position 0.
+        """
+        batch = self.batch
+        sizes = [n for n in (1, 2, 4, 8) if n <= self.n_parallel]
+        if self.n_parallel not in sizes:
+            sizes.append(self.n_parallel)
+
+        def step(n: int) -> float:
+            for i in range(n):
+                batch.token[i] = self.filler_token
+                batch.pos[i] = 0
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = i
+                batch.logits[i] = True
+            batch.n_tokens = n
+            started = time.perf_counter()
+            status = self._lib.llama_decode(self.context.ctx, batch)
+            elapsed = time.perf_counter() - started
+            for i in range(n):
+                self._lib.llama_memory_seq_rm(self.memory, i, -1, -1)
+            if status != 0:
+                raise BackendError(f"llama_decode returned {status}")
+            return elapsed
+
+        step(sizes[-1])  # warm-up: buffers, threads
+        cost = {n: min(step(n) for _ in range(2)) for n in sizes}
+        for n in sizes[1:]:
+            if cost[n] < n * cost[1]:
+                return n
+        return self.n_parallel + 1
 
 
 class LlamaCppBackend(Backend):
@@ -618,7 +728,7 @@ class LlamaCppBackend(Backend):
         warmup: bool = True,
         parallel: int = 8,
         prefill_chunk: int = 64,
-        requantize: str | None = None,
+        requantize: str | None = "auto",
         prompt_cache: bool = True,
     ) -> None:
         self.model_path = Path(model_path) if model_path else default_model_path()
@@ -684,8 +794,7 @@ class LlamaCppBackend(Backend):
 
         started = time.perf_counter()
         weights = self.model_path
-        if self.requantize:
-            weights = requantized_model(weights, self.requantize, threads=self.n_threads)
+        weights = serving_weights(weights, self.requantize, threads=self.n_threads)
         try:
             # This context only tokenizes: generation runs in the engine's batched context.
             self._llama = Llama(
@@ -728,13 +837,16 @@ class LlamaCppBackend(Backend):
             prompt_cache=self.prompt_cache,
         )
         log.info(
-            "embedded model %s loaded in %.1fs (ctx %d, %d parallel, %d/%d threads)",
+            "embedded model %s (weights %s) loaded in %.1fs (ctx %d, %d parallel, %d/%d threads, "
+            "batched decode from %d streams)",
             self.model_path.name,
+            weights.name,
             time.perf_counter() - started,
             self.n_ctx,
             self.parallel,
             self.n_threads,
             self.n_threads_batch,
+            self._engine.split_below,
         )
 
     async def close(self) -> None:

@@ -51,7 +51,10 @@ def add_parser(commands: Any) -> None:
         default=None,
         help="do not reuse a finished stream's KV cache for a prompt with the same prefix",
     )
-    parser.add_argument("--requantize", help="re-quantize the embedded model once: q4_0, q8_0")
+    parser.add_argument(
+        "--requantize",
+        help="re-quantize the embedded weights once: auto (default), off, q4_0, q8_0",
+    )
     parser.add_argument("--cache", help="response cache: off (default), deterministic, all")
     parser.add_argument("--cache-ttl", type=float, help="seconds a cached response lives (600)")
     parser.add_argument("--cache-size", type=int, help="cached responses kept (1000)")
