@@ -134,7 +134,7 @@ def test_streams_progressively_and_survives_ctrl_c(chat: Tmux) -> None:
 
 @pytest.mark.timeout(120)
 def test_one_shot_in_a_terminal_renders_markdown(server: RunningServer) -> None:
-    prompt = "List three colours as a markdown list."
+    prompt = "Write a markdown bullet list of three fruits."
     args = ["--max-tokens", "40", "--temperature", "0", "--seed", "5"]
     with Client(server.url) as client:
         plain = client.chat.create(
@@ -143,8 +143,10 @@ def test_one_shot_in_a_terminal_renders_markdown(server: RunningServer) -> None:
             temperature=0,
             seed=5,
         ).text
-    items = [line[1:].strip() for line in plain.splitlines() if line.startswith("* ")]
-    assert items, f"the model's answer has no markdown list to render: {plain!r}"
+    # A bullet list ("* item", "- item") or a numbered one ("1. item"), as the model chooses.
+    bullets = [line[2:].strip() for line in plain.splitlines() if line[:2] in ("* ", "- ")]
+    numbered = [line.split(". ", 1)[1].strip() for line in plain.splitlines() if line[:3] == "1. "]
+    assert bullets or numbered, f"the model's answer has no markdown list to render: {plain!r}"
     tmux = Tmux(
         [
             sys.executable,
@@ -161,9 +163,13 @@ def test_one_shot_in_a_terminal_renders_markdown(server: RunningServer) -> None:
         screen = tmux.wait_for(lambda s: "CHAT-EXITED-0" in s, timeout=90)
     finally:
         tmux.close()
-    # Rendered, not raw: list items become bullets, the "*" markers are gone.
-    assert f"• {items[0]}" in screen
-    assert f"*   {items[0]}" not in screen and f"* {items[0]}" not in screen
+    # Rendered, not raw: bullets become "•", numbers lose their dot; the markers are gone.
+    if bullets:
+        assert f"• {bullets[0]}" in screen
+        assert f"* {bullets[0]}" not in screen and f"- {bullets[0]}" not in screen
+    else:
+        assert f"1 {numbered[0]}" in screen
+        assert f"1. {numbered[0]}" not in screen
     assert "tok/s" in screen or "tokens" in screen  # the stats line on a terminal
 
 
