@@ -28,7 +28,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from tokenwire.backends._transport import UpstreamTransport
+from tokenwire.backends._transport import UpstreamTransport, direct_body
 from tokenwire.backends._upstream import SSEParser
 from tokenwire.backends.openai import OpenAIDecoder
 from tokenwire.errors import BackendProtocolError
@@ -165,6 +165,83 @@ async def test_byte_by_byte_chunks_and_the_decoders_errors_survive_the_fast_path
     assert texts == ["Hi", " there"]
     with pytest.raises(BackendProtocolError):
         decoder.decode(*got[3])  # the malformed chunk: a typed error, as before
+
+
+def relay_client() -> httpx.AsyncClient:
+    """As the gateway's: no read timeout (the relay keeps its own deadlines)."""
+    return httpx.AsyncClient(
+        transport=UpstreamTransport(limits=LIMITS), timeout=httpx.Timeout(5.0, read=None)
+    )
+
+
+async def direct_messages(client: httpx.AsyncClient, url: str) -> list[tuple[str, bytes]]:
+    """As ``UpstreamCall`` reads: the first piece by iterating, the rest directly."""
+    parser = SSEParser()
+    async with client.stream("POST", url, content=b"{}") as response:
+        chunks = response.aiter_raw()
+        got = parser.feed(await anext(chunks))
+        body = direct_body(response)
+        assert body is not None
+        while (raw := body.take()) != b"":
+            if raw is None:
+                await body.waiter()
+            else:
+                got += parser.feed(raw)
+        await chunks.aclose()  # type: ignore[attr-defined]
+    return got
+
+
+async def test_direct_body_reads_give_the_same_messages_and_release_the_connection() -> None:
+    expected = SSEParser().feed(BODY)
+    for cut in range(1, len(BODY), 7):
+        frames = chunked(BODY, [cut])
+        writes = [frames[0][:3], frames[0][3:], *frames[1:]]
+        async with upstream(sse_handler(writes, 0.001)) as up, relay_client() as client:
+            url = f"http://127.0.0.1:{up.port}/"
+            assert await direct_messages(client, url) == expected, cut
+            assert await direct_messages(client, url) == expected, cut
+            assert up.connections == 1  # complete: back to the pool, reused
+    async with (
+        fast_client() as client,
+        upstream(sse_handler([b"5\r\ndata:\r\n"])) as up,
+        client.stream("POST", f"http://127.0.0.1:{up.port}/") as response,
+    ):
+        assert direct_body(response) is None  # a read timeout: read by iterating
+
+
+async def test_direct_body_closed_mid_answer_closes_the_connection_and_errors_raise() -> None:
+    async with (
+        upstream(
+            sse_handler(chunked(b"data: x\n\n" * 50, [9 * i for i in range(1, 50)]), 0.01)
+        ) as up,
+        relay_client() as client,
+    ):
+        url = f"http://127.0.0.1:{up.port}/"
+        async with client.stream("POST", url, content=b"{}") as response:
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            body = direct_body(response)
+            assert body is not None
+            waiting = asyncio.ensure_future(body.waiter())
+            await asyncio.sleep(0)
+            waiting.cancel()  # Stop while the relay waits: it closes the body
+            body.close()
+            await chunks.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        assert up.closed_by_client == 1  # the upstream saw the client leave at once
+        assert len(await direct_messages(client, url)) == 50
+        assert up.connections == 2
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(chunked(b"data: a\n\n", [])[0])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    async with upstream(cut) as up, relay_client() as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await direct_messages(client, f"http://127.0.0.1:{up.port}/")
 
 
 async def test_bad_chunk_framing_is_a_remote_protocol_error() -> None:

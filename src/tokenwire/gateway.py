@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import fields
 from typing import Any
 
@@ -181,7 +181,14 @@ class Gateway(Backend):
 
     # -- streaming -------------------------------------------------------------------------
 
-    async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+    def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
+        relay = _Relayed()
+        relay.attempts = self._attempts(request, cancel, relay)
+        return relay
+
+    async def _attempts(
+        self, request: ChatRequest, cancel: CancelToken, relay: _Relayed
+    ) -> AsyncIterator[Event]:
         plan = self.plan(request.model)
         loop = asyncio.get_running_loop()
         accept_by = loop.time() + self.accept_wait
@@ -209,9 +216,14 @@ class Gateway(Backend):
                         announced = True
                         if not call.ready.done():
                             yield Progress(stage="connecting", message=f"upstream {upstream.name}")
-                    async for event in call.events():
+                    events = call.events()
+                    async for event in events:
                         if isinstance(event, Usage) and event.ttft_ms is None:
                             event.ttft_ms = call.ttft_ms
+                        if call.content_started:
+                            # No failover from here on: the reader takes the call's own
+                            # events (this generator waits at this yield until closed).
+                            relay.events = events
                         yield event
                     return
                 except BackendError as exc:
@@ -237,6 +249,35 @@ class Gateway(Backend):
         raise type(last)(
             f"every upstream failed before the first token: {messages}", code=last.code
         )
+
+
+class _Relayed(AsyncIterator[Event]):
+    """``Gateway.stream``'s events: the failover attempts until the first token, then the
+    upstream call's own events, taken directly: no generator of the gateway's resumed per
+    chunk. Closing it closes both (the attempts' ``finally`` closes the upstream call)."""
+
+    __slots__ = ("attempts", "events")
+
+    def __init__(self) -> None:
+        self.attempts: AsyncIterator[Event] | None = None
+        self.events: AsyncIterator[Event] | None = None
+
+    def __anext__(self) -> Awaitable[Event]:
+        events = self.events
+        if events is not None:
+            return events.__anext__()
+        assert self.attempts is not None
+        return self.attempts.__anext__()
+
+    async def aclose(self) -> None:
+        events, self.events = self.events, None
+        attempts, self.attempts = self.attempts, None
+        try:
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
+        finally:
+            if attempts is not None:
+                await attempts.aclose()  # type: ignore[attr-defined]
 
 
 def build_router(settings: Settings, embedded: Backend | None) -> Router:

@@ -42,7 +42,7 @@ from typing import Any, cast
 import httptools
 import httpx
 
-__all__ = ["UpstreamTransport"]
+__all__ = ["UpstreamTransport", "direct_body"]
 
 #: Unread body bytes past which the socket's reading is paused.
 _HIGH_WATER = 256 * 1024
@@ -254,10 +254,63 @@ class _Body(httpx.AsyncByteStream):
             raise
         await self.aclose()
 
-    async def aclose(self) -> None:
+    # -- the relay's direct read (no async-generator layers per chunk) --------------------
+    #
+    # Iterating a response (``aiter_raw``) resumes three async generators per chunk (httpx's
+    # ``aiter_raw`` and ``BoundAsyncStream``, then ``__aiter__`` above), and a coroutine per
+    # wait. A relay reading a lone chunk pays that cold, so it reads through ``take`` and
+    # awaits ``waiter()`` instead: the same states, errors and release as ``__aiter__``.
+
+    def take(self) -> bytes | None:
+        """Everything received since the last read; ``None`` if nothing yet (await
+        ``waiter()``), ``b""`` at the end of the body. Raises as iterating does."""
+        connection = self._connection
+        if connection is None:
+            return b""
+        if connection.body:
+            data = connection.take_body()
+            if data:
+                return data
+        if connection.complete:
+            self._release()
+            return b""
+        if connection.error is not None:
+            self._release()
+            raise connection.error
+        if connection.closed:
+            self._release()
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body"
+            )
+        return None
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved when more of the body arrives (or the connection ends). A
+        reader cancelled while awaiting it closes the body (``close``), as ``__aiter__``."""
+        connection = self._connection
+        assert connection is not None
+        waiter = connection._waiter = connection._loop.create_future()
+        return waiter
+
+    def close(self) -> None:
+        """Stop reading: the connection goes back to the pool only if the response is
+        complete, else it is closed (the upstream sees the client leave)."""
+        self._release()
+
+    def _release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             self._transport._release(connection)
+
+    async def aclose(self) -> None:
+        self._release()
+
+
+def direct_body(response: httpx.Response) -> _Body | None:
+    """The ``_Body`` under an httpx response of ``UpstreamTransport`` (None: another
+    transport's, read it by iterating)."""
+    body = getattr(response.stream, "_stream", None)  # httpx's BoundAsyncStream wraps it
+    return body if type(body) is _Body and body._timeout is None else None
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):

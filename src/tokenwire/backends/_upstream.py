@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tokenwire.backends._transport import UpstreamTransport
+from tokenwire.backends._transport import UpstreamTransport, direct_body
 from tokenwire.backends.base import Backend, ModelInfo
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import (
@@ -52,7 +52,14 @@ from tokenwire.errors import (
     InvalidRequest,
     RequestError,
 )
-from tokenwire.events import Event, StreamCompleted, TextDelta, ToolCallDelta, ToolCallStarted
+from tokenwire.events import (
+    Event,
+    StreamCompleted,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStarted,
+    Usage,
+)
 from tokenwire.requests import ChatRequest
 
 __all__ = [
@@ -414,12 +421,18 @@ class UpstreamCall:
     def content_started(self) -> bool:
         return self._content
 
+    def _stamped(self, event: Event) -> Event:
+        """A ``Usage`` carries the upstream's TTFT (for metrics), unless it has its own."""
+        if type(event) is Usage and event.ttft_ms is None:
+            event.ttft_ms = self.ttft_ms
+        return event
+
     async def events(self) -> AsyncIterator[Event]:
         """The events as they arrive; ends quietly on Stop, raises ``BackendError``s."""
         buffer = self._buffer
         while True:
             while buffer:
-                event = buffer.popleft()
+                event = self._stamped(buffer.popleft())
                 yield event
                 if event.terminal:
                     return
@@ -439,28 +452,50 @@ class UpstreamCall:
         assert task is not None
         cancelling = task.cancelling()
         next_chunk = relay.chunks.__anext__
+        body = direct_body(relay.response)
         feed = relay.parser.feed
         decoder = relay.decoder
         decode = decoder.decode
         try:
             while not (self._cancelled or self._error is not None):
-                self._read_at = loop.time()
-                self._reader = task
-                try:
-                    raw = await next_chunk()
-                except StopAsyncIteration:
+                raw: bytes | None
+                if body is not None:
+                    # UpstreamTransport's body, read directly (no generator layers).
+                    raw = body.take()
+                    if raw is None:
+                        self._read_at = loop.time()
+                        self._reader = task
+                        try:
+                            await body.waiter()
+                        except BaseException:
+                            body.close()  # as iterating does: the upstream sees us leave
+                            raise
+                        finally:
+                            self._reader = None
+                        continue
+                else:
+                    self._read_at = loop.time()
+                    self._reader = task
+                    try:
+                        raw = await next_chunk()
+                    except StopAsyncIteration:
+                        raw = b""
+                    finally:
+                        self._reader = None
+                if not raw:  # the end of the body
                     relay.ended = True
                     self._finished = True
                     for event in _flush(relay.parser, decoder):
-                        yield event
+                        yield self._stamped(event)
                     if not decoder.done:
+                        # Raises if the upstream stopped short (after the flushed events).
                         for event in decoder.finish():
-                            yield event
+                            yield self._stamped(event)
                     return
-                finally:
-                    self._reader = None
                 for name, data in feed(raw):
                     for event in decode(name, data):
+                        if type(event) is Usage and event.ttft_ms is None:
+                            event.ttft_ms = self.ttft_ms  # the upstream's, for metrics
                         yield event
                     if decoder.done:
                         self._finished = True

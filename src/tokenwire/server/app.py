@@ -20,7 +20,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive
+from starlette.types import ASGIApp, Receive
 from starlette.websockets import WebSocket
 
 from tokenwire.backends.base import Backend
@@ -58,6 +58,16 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+class _App(Starlette):
+    """Starlette with ``sse.StreamHandoff`` outermost, outside the error middleware too: an
+    event stream, once handed off, sends on the server's own ``send`` (not through the error
+    middleware's wrapper) and is resumed through one frame less per chunk. Its response has
+    started, so that middleware could only re-raise what the stream raises."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return sse.StreamHandoff(super().build_middleware_stack())
 
 
 def error_response(exc: TokenwireError, shape: ErrorShape = openai_chat.error_body) -> Response:
@@ -440,10 +450,9 @@ def create_app(
         metrics_auth=settings.metrics_auth,
         on_reject=lambda exc: metrics.request_error(exc.error_type),
     )
-    app = Starlette(
+    app = _App(
         routes=routes,
-        # StreamHandoff outermost: event streams outlive the layers that route them.
-        middleware=[Middleware(sse.StreamHandoff), gate],
+        middleware=[gate],
         lifespan=lifespan,
         exception_handlers={404: _http_error, 405: _http_error},
     )

@@ -266,10 +266,17 @@ class EventSourceResponse:
             # A first comment right away: proxies and browsers see the stream is open at once.
             await self._send_body(send, _OPEN)
             heartbeat_scheduler(loop).file(self, self._next_check(loop.time()))
+            time = loop.time
             async for chunk in frames:
-                await self._send_body(
-                    send, {"type": "http.response.body", "body": chunk, "more_body": True}
-                )
+                # ``_send_body`` inlined: no coroutine of its own per frame.
+                if self._pinging is not None:
+                    await self._pinging  # a ping held up by flow control goes first
+                self._send_started = time()
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    self._send_started = None
+                self._last_send = time()
                 del chunk  # an idle stream holds no frame while it waits
         except asyncio.CancelledError:
             if self._failure is None:
