@@ -3,7 +3,9 @@
 - ``read_batches`` hands a reader every event already journaled in one batch, in order,
   ending with the terminal; a default journal yields them one by one;
 - the OpenAI renderer's spliced text chunk is byte-for-byte the JSON of the full dict;
-- ``event_size``'s TextDelta shortcut counts the same bytes as encoding ``to_dict()``.
+- ``event_size``'s TextDelta shortcut counts the same bytes as encoding ``to_dict()``;
+- the gateway's iterator hands over to the upstream call's events after the first token,
+  and closing it still closes both.
 """
 
 from __future__ import annotations
@@ -111,3 +113,38 @@ def test_event_size_shortcut_counts_the_json_bytes() -> None:
             assert event_size(event) == len(orjson.dumps(event.to_dict()))
     usage = Usage(prompt_tokens=3, completion_tokens=4)
     assert event_size(usage) == len(orjson.dumps(usage.to_dict()))
+
+
+async def test_gateway_hands_the_reader_the_calls_events_after_the_first_token() -> None:
+    """``Gateway.stream``'s iterator: the attempts until content, then the call's own events
+    directly; closing it closes the call's events, then the attempts (their ``finally``)."""
+    from tokenwire.gateway import _Relayed
+
+    closed: list[str] = []
+
+    async def call_events() -> AsyncIterator[Event]:
+        try:
+            for text in ("a", "b", "c"):
+                yield TextDelta(text=text)
+        finally:
+            closed.append("events")
+
+    async def attempts(relay: _Relayed) -> AsyncIterator[Event]:
+        try:
+            events = call_events()
+            async for event in events:
+                relay.events = events  # content started
+                yield event
+            closed.append("attempts ran on")  # never: the reader took the call's events
+        finally:
+            closed.append("attempts")
+
+    relay = _Relayed()
+    relay.attempts = attempts(relay)
+    got = [await anext(relay), await anext(relay)]
+    assert [e.text for e in got] == ["a", "b"]  # type: ignore[attr-defined]
+    assert relay.events is not None
+    await relay.aclose()
+    assert closed == ["events", "attempts"]
+    with pytest.raises(StopAsyncIteration):
+        await anext(relay)

@@ -266,7 +266,8 @@ class _Relayed(AsyncIterator[Event]):
         events = self.events
         if events is not None:
             return events.__anext__()
-        assert self.attempts is not None
+        if self.attempts is None:
+            return _closed()  # as an async generator after aclose()
         return self.attempts.__anext__()
 
     async def aclose(self) -> None:
@@ -278,6 +279,10 @@ class _Relayed(AsyncIterator[Event]):
         finally:
             if attempts is not None:
                 await attempts.aclose()  # type: ignore[attr-defined]
+
+
+async def _closed() -> Event:
+    raise StopAsyncIteration
 
 
 def build_router(settings: Settings, embedded: Backend | None) -> Router:
