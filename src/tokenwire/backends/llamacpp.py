@@ -484,10 +484,7 @@ class _BatchEngine:
         logits = self._np.ctypeslib.as_array(
             lib.llama_get_logits_ith(self.context.ctx, index), shape=(self.n_vocab,)
         )
-        view["id"] = self._token_ids  # samplers sort and truncate the array in place
-        view["logit"] = logits
-        view["p"] = 0.0
-        candidates.size, candidates.selected, candidates.sorted = self.n_vocab, -1, False
+        self._load_candidates(logits)
         lib.llama_sampler_apply(chain, self._candidates_ref)
         token = int(view["id"][candidates.selected])
         single = self._single
@@ -496,10 +493,7 @@ class _BatchEngine:
         checked["id"], checked["logit"] = token, 1.0
         lib.llama_sampler_apply(sequence.grammar_sampler, self._single_ref)
         if checked["logit"][0] == float("-inf"):  # rejected: mask the vocabulary, pick again
-            view["id"] = self._token_ids
-            view["logit"] = logits
-            view["p"] = 0.0
-            candidates.size, candidates.selected, candidates.sorted = self.n_vocab, -1, False
+            self._load_candidates(logits)
             self.grammar_rejections += 1
             lib.llama_sampler_apply(sequence.grammar_sampler, self._candidates_ref)
             lib.llama_sampler_apply(chain, self._candidates_ref)
@@ -508,6 +502,15 @@ class _BatchEngine:
             lib.llama_sampler_accept(sequence.grammar_sampler, token)
         lib.llama_sampler_accept(chain, token)
         return token
+
+    def _load_candidates(self, logits: Any) -> None:
+        """Every token with its logit, unsorted (samplers sort and truncate it in place)."""
+        view = self._candidates_view
+        view["id"] = self._token_ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        candidates = self._candidates
+        candidates.size, candidates.selected, candidates.sorted = self.n_vocab, -1, False
 
     def _release(self, sequence: _Sequence) -> None:
         if sequence.seq_id >= 0:
