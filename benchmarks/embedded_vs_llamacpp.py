@@ -24,45 +24,17 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port, percentile
+from _common import free_port, percentile, process, wait_healthy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = [{"role": "user", "content": "Count from 1 to 300 without stopping: 1, 2, 3,"}]
-
-
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
-@contextmanager
-def process(args: list[str], health: str):  # type: ignore[no-untyped-def]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(health)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def one_stream(base: str, model: str, max_tokens: int, tag: str = "") -> dict[str, Any]:
@@ -212,9 +184,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     concurrent: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     with (
-        process(tokenwire_cmd, f"http://127.0.0.1:{tw_port}/healthz"),
-        process(peer_cmd, f"http://127.0.0.1:{peer_port}/v1/models"),
+        process(tokenwire_cmd) as tokenwire_proc,
+        process(peer_cmd) as peer_proc,
     ):
+        wait_healthy(f"http://127.0.0.1:{tw_port}/healthz", tokenwire_proc, 120)
+        wait_healthy(f"http://127.0.0.1:{peer_port}/v1/models", peer_proc, 120)
         for base, name in servers.values():  # warm both (first-request effects)
             one_stream(base, name, 8)
         for round_index in range(rounds):
