@@ -221,11 +221,7 @@ async def test_grammar_checks_the_pick_and_masks_only_on_rejection(
     async def constrained(seed: int) -> str:
         chat = request("Tell me about the sea.", max_tokens=48, temperature=0.9, seed=seed)
         chat.response_format = ResponseFormat(type="json_schema", schema=schema)
-        parts = []
-        async for event in backend.stream(chat, CancelToken()):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-        return "".join(parts)
+        return text_of(await collect(backend, chat))
 
     texts = await asyncio.wait_for(asyncio.gather(*(constrained(s) for s in (1, 2, 3))), 120)
     for text in texts:
@@ -240,15 +236,9 @@ async def _answer(backend: LlamaCppBackend, messages: list[Message]) -> tuple[st
         messages=messages,
         sampling=SamplingParams(max_tokens=16, temperature=0.0),
     )
-    parts: list[str] = []
-    usage: Usage | None = None
-    async for event in backend.stream(chat, CancelToken()):
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        elif isinstance(event, Usage):
-            usage = event
-    assert usage is not None
-    return "".join(parts), usage
+    events = await collect(backend, chat)
+    usage = next(e for _, e in events if isinstance(e, Usage))
+    return text_of(events), usage
 
 
 async def test_the_next_turn_reuses_the_conversations_cached_prefix(

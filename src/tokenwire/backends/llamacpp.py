@@ -212,7 +212,6 @@ class _Sequence:
         self.stop = threading.Event()  # the consumer went away
         self.seq_id = -1
         self.fed = 0  # prompt tokens already in the KV cache
-        self.n_past = 0  # positions this sequence holds in the KV cache
         self.cached = 0  # prompt tokens whose KV cells a finished stream left behind
         self.next_token = -1  # sampled, to be fed in the next step
         self.completed = 0
@@ -436,7 +435,7 @@ class _BatchEngine:
         reuse = min(reuse, len(prompt) - 1)  # the last prompt token is fed for its logits
         self._lib.llama_memory_seq_rm(self.memory, seq_id, reuse, -1)
         del self._kv_tokens[seq_id][reuse:]
-        sequence.fed = sequence.n_past = sequence.cached = reuse
+        sequence.fed = sequence.cached = reuse
         self._active.append(sequence)
 
     def _forget(self) -> None:
@@ -597,27 +596,26 @@ class _BatchEngine:
                 fillers.append((seq_id, position))
                 n += 1
             elif not member.prefilling:
-                kv_tokens[seq_id].append(member.next_token)
                 batch.token[n] = member.next_token
-                batch.pos[n] = member.n_past
+                batch.pos[n] = len(kv_tokens[seq_id])
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = seq_id
                 batch.logits[n] = True
                 outputs.append((member, n))
-                member.n_past += 1
+                kv_tokens[seq_id].append(member.next_token)
                 n += 1
             else:
                 take = takes[seq_id]
+                start = len(kv_tokens[seq_id])
                 kv_tokens[seq_id].extend(member.prompt[member.fed : member.fed + take])
                 for offset in range(take):
                     batch.token[n] = member.prompt[member.fed + offset]
-                    batch.pos[n] = member.n_past + offset
+                    batch.pos[n] = start + offset
                     batch.n_seq_id[n] = 1
                     batch.seq_id[n][0] = seq_id
                     batch.logits[n] = False
                     n += 1
                 member.fed += take
-                member.n_past += take
                 if member.fed == len(member.prompt):
                     batch.logits[n - 1] = True  # the prompt's last token: the first logits
                     outputs.append((member, n - 1))
@@ -635,14 +633,14 @@ class _BatchEngine:
         """A decode-only step as one ``llama_decode`` per sequence (see ``split_below``)."""
         batch = self.batch
         for sequence in list(self._active):
-            self._kv_tokens[sequence.seq_id].append(sequence.next_token)
+            held = self._kv_tokens[sequence.seq_id]  # positions 0..len-1: the next is len
             batch.token[0] = sequence.next_token
-            batch.pos[0] = sequence.n_past
+            batch.pos[0] = len(held)
             batch.n_seq_id[0] = 1
             batch.seq_id[0][0] = sequence.seq_id
             batch.logits[0] = True
             batch.n_tokens = 1
-            sequence.n_past += 1
+            held.append(sequence.next_token)
             status = self._lib.llama_decode(self.context.ctx, batch)
             if status != 0:
                 raise BackendError(f"llama_decode returned {status}")
