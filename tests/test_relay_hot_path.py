@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from tokenwire.events import Event, StreamCompleted, TextDelta, Usage
+from tokenwire.events import Event, Progress, StreamCompleted, TextDelta, ToolCallDelta, Usage
 from tokenwire.journal import Journal, MemoryJournal, StreamMeta
+from tokenwire.journal.base import event_size
 from tokenwire.protocols.openai_chat import Renderer
-from tokenwire.server.limits import event_size
 
 pytestmark = pytest.mark.anyio
 
@@ -106,13 +106,20 @@ def test_spliced_text_chunk_is_the_dict_json(model: str) -> None:
 
 
 def test_event_size_shortcut_counts_the_json_bytes() -> None:
-    for text in TEXTS:
+    for text in [*TEXTS, 'quote " backslash \\ newline \n é 漢 \U0001f600']:
         for seq in (-1, 0, 7, 123456):
             event = TextDelta(text=text)
             event.seq = seq
             assert event_size(event) == len(orjson.dumps(event.to_dict()))
-    usage = Usage(prompt_tokens=3, completion_tokens=4)
-    assert event_size(usage) == len(orjson.dumps(usage.to_dict()))
+    others: list[Event] = [
+        ToolCallDelta(index=0, arguments_delta='{"a": 1}'),
+        Usage(prompt_tokens=3, completion_tokens=4),
+        Progress(stage="connecting"),
+        StreamCompleted(finish_reason="stop"),
+    ]
+    for seq, event in enumerate(others):
+        event.seq = seq * 997
+        assert event_size(event) == len(orjson.dumps(event.to_dict())), event
 
 
 async def test_gateway_hands_the_reader_the_calls_events_after_the_first_token() -> None:

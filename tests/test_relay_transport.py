@@ -24,7 +24,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -32,8 +31,6 @@ from tokenwire.backends._transport import UpstreamTransport, direct_body
 from tokenwire.backends._upstream import SSEParser
 from tokenwire.backends.openai import OpenAIDecoder
 from tokenwire.errors import BackendProtocolError
-from tokenwire.events import Progress, StreamCompleted, TextDelta, ToolCallDelta, Usage
-from tokenwire.journal.memory import _size
 from tokenwire.server.metrics import LoopHistogram
 
 pytestmark = pytest.mark.anyio
@@ -370,21 +367,6 @@ async def test_tls_upstream(tls_cert: tuple[Path, Path]) -> None:
         async with fast_client() as client:
             with pytest.raises(httpx.ConnectError):  # not trusted by the default CAs
                 await messages(client, url)
-
-
-def test_journal_event_size_equals_the_json_size() -> None:
-    events = [
-        TextDelta(text="plain"),
-        TextDelta(text='quote " backslash \\ newline \n é 漢 \U0001f600'),
-        TextDelta(text=""),
-        ToolCallDelta(index=0, arguments_delta='{"a": 1}'),
-        Usage(prompt_tokens=3, completion_tokens=4),
-        Progress(stage="connecting"),
-        StreamCompleted(finish_reason="stop"),
-    ]
-    for seq, event in enumerate(events):
-        event.seq = seq * 997
-        assert _size(event) == len(orjson.dumps(event.to_dict())), event
 
 
 def test_loop_histogram_exposes_what_prometheus_histogram_does() -> None:

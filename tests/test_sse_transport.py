@@ -362,6 +362,82 @@ def test_uvicorn_with_the_lean_protocol() -> None:
         assert state["idle_closed"].wait(3.0)
 
 
+def direct_write_app() -> Any:
+    """``/mixed``: 1,000 frames of 16 KB (more than the kernel buffers hold) from a producer
+    task, each written with ``send_now`` while the stream's frame iterator waits with nothing
+    queued (the journal's contract), else queued for the iterator."""
+    state: dict[str, Any] = {"direct": 0, "queued": 0, "done": threading.Event()}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        waiting = False
+
+        async def frames() -> AsyncIterator[bytes]:
+            nonlocal waiting
+            while True:
+                waiting = queue.empty()
+                item = await queue.get()
+                waiting = False
+                if item is None:
+                    return
+                yield item
+
+        response = EventSourceResponse(frames(), heartbeat=0)
+
+        async def produce() -> None:
+            await asyncio.sleep(0.1)
+            for i in range(1000):
+                frame = b"data: %d %s\n\n" % (i, b"x" * 16384)
+                if waiting and queue.empty() and response.send_now(bytes, frame):
+                    state["direct"] += 1
+                else:
+                    state["queued"] += 1
+                    queue.put_nowait(frame)
+                await asyncio.sleep(0.001 if i < 50 else 0)
+            queue.put_nowait(None)
+            state["done"].set()
+
+        # Runs on after this returns (StreamHandoff runs the body then), until its end.
+        state["producer"] = asyncio.ensure_future(produce())
+        await response(scope, receive, send)
+
+    return StreamHandoff(app), state
+
+
+@pytest.mark.timeout(60)
+def test_direct_writes_keep_order_and_give_way_to_flow_control() -> None:
+    app, state = direct_write_app()
+    with (
+        uvicorn_server(app) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /mixed HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Read the first frames, then stop reading: the socket fills, uvicorn pauses
+        # writing, and the direct write must refuse until the client reads again.
+        data = read_response(sock, b"data: 40 ")
+        assert state["done"].wait(10)  # the producer never blocked on the slow client
+        while b"0\r\n\r\n" not in data[-16:]:
+            chunk = sock.recv(1 << 20)
+            assert chunk
+            data += chunk
+    assert state["direct"] >= 40  # while the client kept up: written from the producer
+    assert state["queued"] >= 100  # while flow control held writes: through the iterator
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    # De-chunk by hand: every frame arrives once, whole, in order.
+    pieces, at = [], 0
+    while size := int(body[at : body.index(b"\r\n", at)], 16):
+        start = body.index(b"\r\n", at) + 2
+        pieces.append(body[start : start + size])
+        at = start + size + 2
+    payload = b"".join(pieces)
+    numbers = [int(line.split()[1]) for line in payload.split(b"\n") if line.startswith(b"data:")]
+    assert numbers == list(range(1000))
+
+
 def anyio_timeout(seconds: float):  # type: ignore[no-untyped-def]
     import anyio
 

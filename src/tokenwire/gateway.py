@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import fields
 from typing import Any
 
-from tokenwire.backends._upstream import UpstreamBackend, UpstreamConfig
+from tokenwire.backends._upstream import UpstreamBackend, UpstreamCall, UpstreamConfig
 from tokenwire.backends.anthropic import AnthropicBackend
-from tokenwire.backends.base import Backend, ModelInfo
+from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.backends.openai import OpenAIBackend
 from tokenwire.cancel import CancelToken
 from tokenwire.config import Settings
@@ -201,7 +201,9 @@ class Gateway(Backend):
                 if attempt:
                     await asyncio.sleep(upstream.config.retry_backoff * attempt)
                 await upstream.ensure_models()
-                call = upstream.open(request, cancel, model)
+                call = relay.call = upstream.open(request, cancel, model)
+                if relay.sink is not None:
+                    call.push_to(relay.sink)  # it pushes once relaying, past failover
                 try:
                     if not announced:
                         # Wait briefly for the first token: an upstream 4xx, or every
@@ -254,13 +256,22 @@ class Gateway(Backend):
 class _Relayed(AsyncIterator[Event]):
     """``Gateway.stream``'s events: the failover attempts until the first token, then the
     upstream call's own events, taken directly: no generator of the gateway's resumed per
-    chunk. Closing it closes both (the attempts' ``finally`` closes the upstream call)."""
+    chunk. Closing it closes both (the attempts' ``finally`` closes the upstream call).
+    A sink given to ``push_to`` goes to each upstream call (``backends.base.PushSource``)."""
 
-    __slots__ = ("attempts", "events")
+    __slots__ = ("attempts", "call", "events", "sink")
 
     def __init__(self) -> None:
         self.attempts: AsyncIterator[Event] | None = None
         self.events: AsyncIterator[Event] | None = None
+        self.call: UpstreamCall | None = None
+        self.sink: EventSink | None = None
+
+    def push_to(self, sink: EventSink) -> None:
+        # The manager offers it after the stream's first event, before the call relays.
+        self.sink = sink
+        if self.call is not None:
+            self.call.push_to(sink)
 
     def __anext__(self) -> Awaitable[Event]:
         events = self.events

@@ -8,7 +8,15 @@ Promises:
 - ``start`` returns only once the backend accepted the request (its first event), so request
   errors surface as exceptions before any header is sent;
 - every stream ends with exactly one terminal event, whatever the backend does;
+- a stream that would write more than ``max_stream_bytes`` to the journal fails with
+  ``stream_too_large`` before the event that crosses it; what came before stays readable;
 - a stream with no readers left is cancelled after ``disconnect_grace`` seconds (0: at once).
+
+When no stage wraps a backend's iterator that can push (``backends.base.PushSource``) and
+the journal appends without awaiting, the producer hands it a sink (``_Appender.take``):
+the backend journals each event from its network callback, and a reader following live
+writes it to its client there too (``Journal.read_batches(direct=…)``). The producer task
+then sleeps until the end, and a relayed chunk costs no task switch at all.
 """
 
 from __future__ import annotations
@@ -25,14 +33,14 @@ from typing import Any, Protocol
 
 from tokenwire.backends.base import Backend
 from tokenwire.cancel import CancelToken
-from tokenwire.errors import RequestError, TokenwireError
+from tokenwire.errors import RequestError, StreamTooLarge, TokenwireError
 from tokenwire.events import (
     Event,
     StreamCancelled,
     StreamFailed,
     StreamStarted,
 )
-from tokenwire.journal.base import Journal, StreamMeta
+from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 
@@ -61,6 +69,62 @@ def new_stream_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+class _Appender:
+    """Journals one stream's events, counting its bytes; from the producer task
+    (``append``) or, while it waits, from a push source's callback (``take``)."""
+
+    __slots__ = ("cancel", "journal", "limit", "observe", "stream_id", "written")
+
+    def __init__(
+        self,
+        stream_id: str,
+        journal: Journal,
+        cancel: CancelToken,
+        limit: int,
+        observe: Callable[[str, Event], None] | None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.journal = journal
+        self.cancel = cancel
+        self.limit = limit
+        self.observe = observe
+        self.written = 0
+
+    def _fits(self, event: Event) -> bool:
+        if not self.limit:
+            return True
+        written = self.written + event_size(event)
+        if written > self.limit and not event.terminal:
+            return False
+        self.written = written
+        return True
+
+    async def append(self, event: Event) -> None:
+        if not self._fits(event):
+            raise StreamTooLarge(
+                f"The stream exceeded its journal limit of {self.limit} bytes; "
+                "the output until then is kept."
+            )
+        await self.journal.append(self.stream_id, event)
+        if self.observe is not None:
+            self.observe(self.stream_id, event)
+
+    def take(self, event: Event) -> bool:
+        """The sink: journal ``event`` now, unless the producer task must see it (the end,
+        Stop, the size limit) or the journal cannot append without awaiting."""
+        if event.terminal or self.cancel.is_cancelled():
+            return False
+        if self.limit and self.written + event_size(event) > self.limit:
+            return False  # the producer raises StreamTooLarge for it
+        if not self.journal.append_nowait(self.stream_id, event):
+            return False
+        if self.limit:
+            self.written += event_size(event)
+        if self.observe is not None:
+            self.observe(self.stream_id, event)
+        return True
+
+
 @dataclass(slots=True)
 class _Producing:
     """A stream produced by this process."""
@@ -82,10 +146,12 @@ class StreamManager:
         stages: list[Stage] | None = None,
         disconnect_grace: float = 30.0,
         observer: StreamObserver | None = None,
+        max_stream_bytes: int = 0,
     ) -> None:
         self.router = router
         self.journal = journal
         self.stages = list(stages or [])
+        self.max_stream_bytes = max_stream_bytes  # 0: no limit
         self.disconnect_grace = disconnect_grace
         self.observer = observer
         self._producing: dict[str, _Producing] = {}
@@ -249,17 +315,24 @@ class StreamManager:
         self, stream_id: str, first: Event | None, events: AsyncIterator[Event], cancel: CancelToken
     ) -> Event | None:
         """Append events until the backend finishes or is cancelled; return the terminal."""
-        append = self.journal.append
-        observe = self.observer.event_appended if self.observer is not None else None
+        appender = _Appender(
+            stream_id,
+            self.journal,
+            cancel,
+            self.max_stream_bytes,
+            self.observer.event_appended if self.observer is not None else None,
+        )
+        push_to = getattr(events, "push_to", None)  # None: not a push source, or wrapped
+        if push_to is not None and self.journal.appends_nowait:
+            push_to(appender.take)
+        append = appender.append
         event = first
         while event is not None:
             if cancel.is_cancelled():
                 return StreamCancelled(reason=cancel.reason or "stop")
             if event.terminal:
                 return event
-            await append(stream_id, event)
-            if observe is not None:
-                observe(stream_id, event)
+            await append(event)
             try:
                 event = await anext(events)
             except StopAsyncIteration:
@@ -286,12 +359,15 @@ class StreamManager:
         finally:
             self._reader_gone(stream_id, producing)
 
-    async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
+    async def read_batches(
+        self, stream_id: str, after: int = -1, *, direct: Deliver | None = None
+    ) -> AsyncIterator[list[Event]]:
         """As ``read``, in batches of the events already journaled: a reader that fell
-        behind (a fast upstream) writes them to its client in one send, not one each."""
+        behind (a fast upstream) writes them to its client in one send, not one each.
+        ``direct``: see ``Journal.read_batches``."""
         producing = self._reader_joined(stream_id)
         try:
-            async for batch in self.journal.read_batches(stream_id, after):
+            async for batch in self.journal.read_batches(stream_id, after, direct=direct):
                 yield batch
         finally:
             self._reader_gone(stream_id, producing)

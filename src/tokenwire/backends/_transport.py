@@ -36,7 +36,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import httptools
@@ -74,6 +74,9 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self.write_paused = False
+        #: The body's push reader (``_Body.push_to``): takes each read's bytes in this
+        #: callback; True when its reader need not wake.
+        self.push: Callable[[bytes], bool] | None = None
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
         self._loop = asyncio.get_running_loop()
 
@@ -95,6 +98,11 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
             self.close()
+        push = self.push
+        if push is not None and self.body:
+            taken = push(self.take_body())
+            if taken and not (self.complete or self.closed or self.error is not None):
+                return  # all handed on; the reader sleeps on
         if self.size > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -191,6 +199,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = self.until_eof = self.keep_alive = self.complete = False
         self.body = []
         self.size = 0
+        self.push = None
 
     async def write(self, data: bytes, seconds: float | None) -> None:
         transport = self.transport
@@ -292,6 +301,15 @@ class _Body(httpx.AsyncByteStream):
         waiter = connection._waiter = connection._loop.create_future()
         return waiter
 
+    def push_to(self, handler: Callable[[bytes], bool] | None) -> None:
+        """From now on, hand each read's bytes to ``handler`` in the network callback,
+        instead of waking the reader (``None``: stop). ``handler`` returns True when the
+        reader may sleep on; the reader wakes anyway at the end of the body or an error.
+        Bytes received before this call are still the reader's to ``take``."""
+        connection = self._connection
+        if connection is not None:
+            connection.push = handler
+
     def close(self) -> None:
         """Stop reading: the connection goes back to the pool only if the response is
         complete, else it is closed (the upstream sees the client leave)."""
@@ -300,6 +318,7 @@ class _Body(httpx.AsyncByteStream):
     def _release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
+            connection.push = None
             self._transport._release(connection)
 
     async def aclose(self) -> None:

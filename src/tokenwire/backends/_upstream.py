@@ -13,7 +13,8 @@ runs one attempt against one upstream (``UpstreamCall``) and promises:
   ``InvalidRequest`` (the gateway fails over on the former, never on the latter);
 - up to the first token a task of the call's own reads (so the gateway can wait for it with
   a deadline); from then on the consumer reads in its own task, so a chunk goes from the
-  socket to the journal with no hand-off between tasks;
+  socket to the journal with no hand-off between tasks; given a sink (``push_to``), the
+  events of each read go to it in the network callback itself, with no task woken at all;
 - a first-token deadline, then an inter-token idle deadline (time spent waiting on the
   upstream), both kept by one timer that is re-armed only when it fires (no per-chunk
   timer cost);
@@ -42,7 +43,7 @@ import httpx
 import orjson
 
 from tokenwire.backends._transport import UpstreamTransport, direct_body
-from tokenwire.backends.base import Backend, ModelInfo
+from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import (
     BackendError,
@@ -253,6 +254,9 @@ class UpstreamCall:
         #: The consumer task while it awaits the upstream (only then is it interrupted).
         self._reader: asyncio.Task[Any] | None = None
         self._interrupting = False
+        #: Relaying with a sink: each read's events go to it from the network callback.
+        self._sink: EventSink | None = None
+        self._push_error: BaseException | None = None
         self._started = self._loop.time()
         self._read_at = self._started
         self.ttft_ms: float | None = None
@@ -421,6 +425,37 @@ class UpstreamCall:
     def content_started(self) -> bool:
         return self._content
 
+    def push_to(self, sink: EventSink) -> None:
+        """Once relaying (and read through ``UpstreamTransport``), hand each read's events
+        to ``sink`` in the network callback (``backends.base.PushSource``)."""
+        self._sink = sink
+
+    def _pushed(self, raw: bytes) -> bool:
+        """The network callback while relaying with a sink: ``raw``'s events go straight
+        to it. True: all taken, the reader sleeps on. False: the reader wakes for what is
+        left: events the sink refused (in ``_buffer``; pushing is over), an error, the end.
+        """
+        relay, sink, buffer = self._relay, self._sink, self._buffer
+        if relay is None or sink is None or self._cancelled or self._error is not None:
+            return False  # ending: the reader sees why
+        if self._push_error is not None:
+            return False
+        self._read_at = self._loop.time()
+        decoder = relay.decoder
+        try:
+            for name, data in relay.parser.feed(raw):
+                for event in decoder.decode(name, data):
+                    if type(event) is Usage and event.ttft_ms is None:
+                        event.ttft_ms = self.ttft_ms  # the upstream's, for metrics
+                    if buffer or not sink(event):
+                        buffer.append(event)  # in order, after the one refused
+                if decoder.done:
+                    return False
+        except Exception as exc:  # a read's good messages went out before its bad one
+            self._push_error = exc
+            return False
+        return not buffer
+
     def _stamped(self, event: Event) -> Event:
         """A ``Usage`` carries the upstream's TTFT (for metrics), unless it has its own."""
         if type(event) is Usage and event.ttft_ms is None:
@@ -456,8 +491,21 @@ class UpstreamCall:
         feed = relay.parser.feed
         decoder = relay.decoder
         decode = decoder.decode
+        if body is not None and self._sink is not None:
+            body.push_to(self._pushed)
         try:
             while not (self._cancelled or self._error is not None):
+                if buffer or self._push_error is not None or relay.decoder.done:
+                    # What pushing left: the events the sink refused, an error, the end.
+                    if body is not None:
+                        body.push_to(None)
+                    while buffer:
+                        yield buffer.popleft()
+                    if self._push_error is not None:
+                        raise self._push_error
+                    if relay.decoder.done:
+                        self._finished = True
+                        return  # the terminal event went out; aclose() drains the rest
                 raw: bytes | None
                 if body is not None:
                     # UpstreamTransport's body, read directly (no generator layers).

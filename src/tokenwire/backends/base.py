@@ -11,19 +11,36 @@ A backend turns a ``ChatRequest`` into events and never formats wire output. Its
   stream manager turns them into ``stream.failed`` with the partial output kept.
 - Check ``cancel`` between tokens; once it is set, stop generating at once (close the
   upstream request, stop decoding) and return, optionally after a ``Usage`` event.
+
+The iterator may also offer ``push_to(sink)`` (``PushSource``): then it may hand events to
+``sink`` synchronously as they arrive (in the network callback) while its reader waits,
+instead of waking the reader for each. The stream manager offers a sink only when no stage
+wraps the iterator and the journal appends without awaiting; a sink that refuses an event
+(the terminal one, after Stop) ends pushing, and the iterator yields that event and
+everything after it as usual.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tokenwire.cancel import CancelToken
 from tokenwire.events import Event
 from tokenwire.requests import ChatRequest
 
-__all__ = ["Backend", "ModelInfo"]
+__all__ = ["Backend", "EventSink", "ModelInfo", "PushSource"]
+
+#: Takes one event synchronously; False refuses it (see the module docstring).
+EventSink = Callable[[Event], bool]
+
+
+class PushSource(Protocol):
+    """An event iterator that can push (see the module docstring)."""
+
+    def push_to(self, sink: EventSink) -> None: ...
 
 
 @dataclass(slots=True, frozen=True)

@@ -12,13 +12,30 @@ A journal promises, per stream:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenwire.events import Event
+import orjson
 
-__all__ = ["Journal", "StreamMeta"]
+from tokenwire.events import Event, TextDelta
+
+__all__ = ["Deliver", "Journal", "StreamMeta", "event_size"]
+
+#: ``{"type":"text.delta","seq":,"text":}`` around a TextDelta's seq and text.
+_TEXT_DELTA_SIZE = len(b'{"type":"text.delta","seq":,"text":}')
+
+
+def event_size(event: Event) -> int:
+    """Bytes an event takes in a journal (its JSON form)."""
+    if type(event) is TextDelta:
+        # The per-token case, without building the dict: the same bytes as below.
+        return _TEXT_DELTA_SIZE + len(str(event.seq)) + len(orjson.dumps(event.text))
+    return len(orjson.dumps(event.to_dict()))
+
+
+#: A reader's direct delivery (``Journal.read_batches``): True if it took the events.
+Deliver = Callable[[list[Event]], bool]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -54,6 +71,9 @@ class Journal(abc.ABC):
     #: True when other processes read and produce through the same journal (Redis): then a
     #: stream may have readers this process cannot count (see ``reader_seen``).
     shared: bool = False
+    #: True when ``append_nowait`` stores events (in-process journals): then a backend may
+    #: journal events from its network callback (``StreamManager``).
+    appends_nowait: bool = False
 
     @abc.abstractmethod
     async def create(self, meta: StreamMeta) -> None:
@@ -63,13 +83,26 @@ class Journal(abc.ABC):
     async def append(self, stream_id: str, event: Event) -> int:
         """Number ``event`` (sets ``event.seq``), store it, wake readers; returns the seq."""
 
+    def append_nowait(self, stream_id: str, event: Event) -> bool:
+        """As ``append``, at once, if this journal can (in-process ones): then True. False:
+        it cannot without awaiting (nothing was stored); call ``append``."""
+        return False
+
     @abc.abstractmethod
     def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
         """Replay events with ``seq > after``, then follow live until the terminal event."""
 
-    async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
+    async def read_batches(
+        self, stream_id: str, after: int = -1, *, direct: Deliver | None = None
+    ) -> AsyncIterator[list[Event]]:
         """As ``read``, but each item is every event already stored (in order), so a
-        reader can write them in one send; journals that cannot tell yield one at a time."""
+        reader can write them in one send; journals that cannot tell yield one at a time.
+
+        ``direct``, where the journal supports it (in-process ones), is called with each
+        non-terminal event appended while this reader waits caught up, in the appending
+        task: if it delivers the event (returns True), the reader moves past it without
+        waking. This is how a live chunk reaches its client in the producer's own loop
+        step. It must not block or raise; False leaves the event to the reader."""
         async for event in self.read(stream_id, after):
             yield [event]
 

@@ -2,7 +2,10 @@
 
 Each waiting reader waits on a future of its own that the next append resolves: the writer
 wakes it directly (one loop step, no shield in between), and a reader that is cancelled (its
-client left) cancels only its own future, never another reader's.
+client left) cancels only its own future, never another reader's. A reader that waits caught
+up with a direct delivery (``read_batches(direct=…)``) is handed each live event in the
+appending task instead, and stays asleep while it takes them: the event reaches its client
+with no loop step in between.
 
 Memory is bounded twice: by ``max_finished`` streams and by ``max_bytes`` of events (their
 JSON size). Either bound evicts finished streams, oldest first; streams still generating are
@@ -12,35 +15,49 @@ never evicted (``max_stream_bytes`` in server/limits.py bounds each of those).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-import orjson
-
 from tokenwire.errors import StreamExpired, StreamNotFound
-from tokenwire.events import Event, TextDelta
-from tokenwire.journal.base import Journal, StreamMeta
+from tokenwire.events import Event
+from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
 
 __all__ = ["MemoryJournal"]
+
+logger = logging.getLogger("tokenwire.journal")
 
 #: Most events ``read_batches`` hands out at once.
 _BATCH = 256
 
 
-#: ``{"type":"text.delta","seq":,"text":}`` around a TextDelta's seq and text.
-_TEXT_DELTA_SIZE = len(b'{"type":"text.delta","seq":,"text":}')
+class _Follower:
+    """A reader waiting caught up at ``index``, with a direct delivery."""
 
+    __slots__ = ("deliver", "index", "waiter")
 
-def _size(event: Event) -> int:
-    """An event's JSON size; the per-token case without building its dict."""
-    if type(event) is TextDelta:
-        return _TEXT_DELTA_SIZE + len(str(event.seq)) + len(orjson.dumps(event.text))
-    return len(orjson.dumps(event.to_dict()))
+    def __init__(self, index: int, deliver: Deliver, waiter: asyncio.Future[None]) -> None:
+        self.index = index
+        self.deliver = deliver
+        self.waiter = waiter
+
+    def took(self, event: Event) -> bool:
+        """Whether the direct delivery took ``event`` (then the reader stays asleep)."""
+        if event.terminal or event.seq != self.index or self.waiter.done():
+            return False  # the end goes the usual way: the reader wakes to finish
+        try:
+            taken = self.deliver([event])
+        except Exception:  # the reader's bug: it meets the event again itself
+            logger.exception("direct delivery failed")
+            return False
+        if taken:
+            self.index += 1
+        return taken
 
 
 class _Log:
-    __slots__ = ("_loop", "_waiters", "events", "finished_at", "meta", "size")
+    __slots__ = ("_followers", "_loop", "_waiters", "events", "finished_at", "meta", "size")
 
     def __init__(self, meta: StreamMeta) -> None:
         # Kept: on Python 3.11 every get_running_loop() is a getpid() system call.
@@ -50,8 +67,15 @@ class _Log:
         self.finished_at: float | None = None
         self.size = 0
         self._waiters: list[asyncio.Future[None]] | None = None  # None: nobody waits
+        self._followers: list[_Follower] | None = None
 
-    def notify(self) -> None:
+    def notify(self, event: Event) -> None:
+        followers = self._followers
+        if followers is not None:
+            for follower in followers:
+                if not follower.took(event):
+                    self._wake_followers(event)
+                    break
         waiters = self._waiters
         if waiters is not None:
             self._waiters = None
@@ -74,8 +98,34 @@ class _Log:
             waiters.append(waiter)
         return waiter
 
+    def _wake_followers(self, event: Event) -> None:
+        """Wake the followers that did not take ``event``; those that did stay asleep."""
+        followers = self._followers or []
+        kept = [f for f in followers if f.index > event.seq]
+        for follower in followers:
+            if follower.index <= event.seq and not follower.waiter.done():
+                follower.waiter.set_result(None)
+        self._followers = kept or None
+
+    def follow(self, index: int, deliver: Deliver) -> _Follower:
+        follower = _Follower(index, deliver, self._loop.create_future())
+        if self._followers is None:
+            self._followers = [follower]
+        else:
+            self._followers.append(follower)
+        return follower
+
+    def unfollow(self, follower: _Follower) -> None:
+        followers = self._followers
+        if followers is not None and follower in followers:
+            followers.remove(follower)
+            if not followers:
+                self._followers = None
+
 
 class MemoryJournal(Journal):
+    appends_nowait = True
+
     def __init__(
         self,
         *,
@@ -98,20 +148,24 @@ class MemoryJournal(Journal):
         self.evict()
 
     async def append(self, stream_id: str, event: Event) -> int:
+        self.append_nowait(stream_id, event)
+        return event.seq
+
+    def append_nowait(self, stream_id: str, event: Event) -> bool:
         log = self._logs[stream_id]
         event.seq = len(log.events)
         log.events.append(event)
         if self.max_bytes:
-            size = _size(event)
+            size = event_size(event)
             log.size += size
             self._bytes += size
         if event.terminal:
             log.finished_at = time.monotonic()
             self._finished[stream_id] = log.finished_at
-        log.notify()
+        log.notify(event)
         if self.max_bytes and self._bytes > self.max_bytes:
             self.evict()
-        return event.seq
+        return True
 
     def _log(self, stream_id: str) -> _Log:
         if self._finished:
@@ -140,7 +194,9 @@ class MemoryJournal(Journal):
                 return  # resumed after the terminal event: nothing more will come
             await log.changed()
 
-    async def read_batches(self, stream_id: str, after: int = -1) -> AsyncIterator[list[Event]]:
+    async def read_batches(
+        self, stream_id: str, after: int = -1, *, direct: Deliver | None = None
+    ) -> AsyncIterator[list[Event]]:
         log = self._log(stream_id)
         index = max(after + 1, 0)
         while True:
@@ -154,7 +210,15 @@ class MemoryJournal(Journal):
                     return
             if log.finished_at is not None:
                 return
-            await log.changed()
+            if direct is None:
+                await log.changed()
+                continue
+            follower = log.follow(index, direct)
+            try:
+                await follower.waiter
+            finally:
+                log.unfollow(follower)
+            index = follower.index  # past what it delivered directly
 
     async def meta(self, stream_id: str) -> StreamMeta:
         return self._log(stream_id).meta

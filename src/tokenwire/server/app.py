@@ -35,7 +35,7 @@ from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 from tokenwire.server import openapi, ui
 from tokenwire.server.auth import OWNER_KEY, ApiKeys, RateLimiter, RequestGate, check_owner
-from tokenwire.server.limits import check_concurrency, clamp_max_tokens, stream_size_stage
+from tokenwire.server.limits import check_concurrency, clamp_max_tokens
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.server.shutdown import Drain
 from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
@@ -164,21 +164,27 @@ class Server:
                     retry_ms = None
             return b"".join(parts)
 
+        def direct(batch: list[Event]) -> bool:
+            # A live event, in the producer's task: written at once when the connection
+            # is free (else it comes through frames() below, rendered once either way).
+            return response.send_now(frame, batch)
+
         async def frames() -> AsyncIterator[bytes]:
             # Every event already journaled goes out in one send (one write syscall).
-            async for batch in manager.read_batches(meta.id, start):
+            async for batch in manager.read_batches(meta.id, start, direct=direct):
                 chunk = frame(batch)
                 del batch  # an idle stream holds no batch or frame while it waits
                 if chunk:
                     yield chunk
                 del chunk
 
-        return sse.EventSourceResponse(
+        response = sse.EventSourceResponse(
             frames(),
             heartbeat=self.settings.heartbeat,
             send_timeout=self.settings.send_timeout,
             headers={"x-stream-id": meta.id, **(headers or {})},
         )
+        return response
 
     async def collect(self, meta: StreamMeta, receive: Receive) -> list[Event] | None:
         """All events of a stream, or None if the client disconnected first (then the
@@ -387,12 +393,11 @@ def create_app(
         stages.append(cache.stage)
     # Outside the cache, so replays are coalesced the same way as live streams.
     stages.append(coalesce_stage(parse_coalesce(settings.coalesce, param="coalesce")))
-    # Outermost: counts exactly what the journal will hold.
-    stages.append(stream_size_stage(settings.max_stream_bytes))
     manager = StreamManager(
         router,
         journal,
         stages=stages,
+        max_stream_bytes=settings.max_stream_bytes,
         disconnect_grace=settings.disconnect_grace,
         observer=metrics,
     )

@@ -20,6 +20,12 @@ an idle stream is kept lean:
 - ``StreamHandoff`` (the app's outermost middleware) runs the stream after the routing,
   middleware and handler frames have returned, instead of under them for its whole life.
 
+A live frame need not wait for the stream's task to wake: ``send_now`` writes it from the
+task that produced it (the journal's direct delivery) when the server offers a direct write
+(``DIRECT_WRITE_KEY``, server/http.py) and nothing else is being sent. That saves a loop
+step per chunk; anything that cannot go at once (flow control, a ping in progress) goes the
+usual way, through ``send``.
+
 Divergence from starlette's ``StreamingResponse`` and sse-starlette (STYLE.md): they race
 the same three things with an anyio task group per stream, ~11 KB more per open stream;
 sse-starlette also patches uvicorn at import time to see shutdown, which we avoid.
@@ -33,14 +39,16 @@ import functools
 import logging
 import math
 import weakref
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "DIRECT_WRITE_KEY",
     "STREAM_HEADERS",
+    "DirectWrite",
     "EventSourceResponse",
     "HeartbeatScheduler",
     "StreamHandoff",
@@ -59,6 +67,22 @@ STREAM_HEADERS = {
 
 #: The scope key under which ``StreamHandoff`` offers to run a stream (a one-slot list).
 HANDOFF_KEY = "tokenwire.sse.handoff"
+
+#: The scope key under which a server offers a ``DirectWrite`` for the response body.
+DIRECT_WRITE_KEY = "tokenwire.direct_write"
+
+_T = TypeVar("_T")
+
+
+class DirectWrite(Protocol):
+    """A server's synchronous body write, for frames sent from outside the stream's task."""
+
+    def ready(self) -> bool:
+        """Whether a body chunk written now goes out at once (the response is started and
+        not complete, the client is connected, and flow control does not hold writes)."""
+
+    def write(self, body: bytes) -> None:
+        """Write one body chunk (only after ``ready()``)."""
 
 
 def encode(
@@ -193,7 +217,8 @@ class StreamHandoff:
         if slot:
             stream = slot.pop()
             del scope[HANDOFF_KEY]
-            await stream.stream(receive, send)
+            # The server's own send: its direct write is the same channel.
+            await stream.stream(receive, send, scope.get(DIRECT_WRITE_KEY))
 
 
 class EventSourceResponse:
@@ -208,6 +233,7 @@ class EventSourceResponse:
         "_send_started",
         "_task",
         "_watcher",
+        "_writer",
         "frames",
         "headers",
         "heartbeat",
@@ -240,6 +266,7 @@ class EventSourceResponse:
         self._watcher: asyncio.Future[Message] | None = None
         self._failure: str | None = None
         self._closed = False
+        self._writer: DirectWrite | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
@@ -254,12 +281,14 @@ class EventSourceResponse:
             return
         await self.stream(receive, send)
 
-    async def stream(self, receive: Receive, send: Send) -> None:
-        """The body: frames, heartbeats and the disconnect watch, until one of them ends."""
+    async def stream(self, receive: Receive, send: Send, writer: DirectWrite | None = None) -> None:
+        """The body: frames, heartbeats and the disconnect watch, until one of them ends.
+        ``writer``: the server's direct write for ``send``'s connection (``send_now``)."""
         loop = self._loop = asyncio.get_running_loop()
         task = self._task = asyncio.current_task()
         assert task is not None
         self._send = send
+        self._writer = writer
         watcher = self._watch(receive)
         frames = self.frames
         try:
@@ -289,7 +318,7 @@ class EventSourceResponse:
             self._closed = True
             # The scheduler may hold this object until the stream's bucket fires: keep
             # nothing of the connection alive through it.
-            self._send = self._task = self._watcher = None
+            self._send = self._task = self._watcher = self._writer = None
             watcher.cancel()
             if self._pinging is not None:
                 self._pinging.cancel()
@@ -298,6 +327,27 @@ class EventSourceResponse:
         if self._failure in (None, _DISCONNECT):
             with contextlib.suppress(OSError):
                 await send(_END)
+
+    def send_now(self, render: Callable[[_T], bytes], item: _T) -> bool:
+        """Send ``render(item)`` at once from the running task, whichever it is, if the
+        stream is open and idle between frames (no send or ping in progress) and the
+        server's direct write is ready. Otherwise return False without calling ``render``
+        (so a stateful renderer sees each item once), and the frame goes the usual way."""
+        writer = self._writer
+        if (
+            writer is None
+            or self._send_started is not None
+            or self._pinging is not None
+            or self._failure is not None
+            or not writer.ready()
+        ):
+            return False
+        body = render(item)
+        if body:
+            writer.write(body)
+            assert self._loop is not None
+            self._last_send = self._loop.time()
+        return True
 
     async def _send_body(self, send: Send, message: Message) -> None:
         if self._pinging is not None:
