@@ -90,21 +90,22 @@ class _Appender:
         self.observe = observe
         self.written = 0
 
-    def _fits(self, event: Event) -> bool:
+    def _written_with(self, event: Event) -> int | None:
+        """The stream's journal bytes with ``event``; None if that is past the limit (the
+        terminal event always fits: it is how the stream ends)."""
         if not self.limit:
-            return True
+            return 0
         written = self.written + event_size(event)
-        if written > self.limit and not event.terminal:
-            return False
-        self.written = written
-        return True
+        return None if written > self.limit and not event.terminal else written
 
     async def append(self, event: Event) -> None:
-        if not self._fits(event):
+        written = self._written_with(event)
+        if written is None:
             raise StreamTooLarge(
                 f"The stream exceeded its journal limit of {self.limit} bytes; "
                 "the output until then is kept."
             )
+        self.written = written
         await self.journal.append(self.stream_id, event)
         if self.observe is not None:
             self.observe(self.stream_id, event)
@@ -114,12 +115,10 @@ class _Appender:
         Stop, the size limit) or the journal cannot append without awaiting."""
         if event.terminal or self.cancel.is_cancelled():
             return False
-        if self.limit and self.written + event_size(event) > self.limit:
-            return False  # the producer raises StreamTooLarge for it
-        if not self.journal.append_nowait(self.stream_id, event):
-            return False
-        if self.limit:
-            self.written += event_size(event)
+        written = self._written_with(event)
+        if written is None or not self.journal.append_nowait(self.stream_id, event):
+            return False  # past the limit: the producer raises StreamTooLarge for it
+        self.written = written
         if self.observe is not None:
             self.observe(self.stream_id, event)
         return True
