@@ -63,13 +63,18 @@ class ScriptedBackend(Backend):
 
 
 @contextmanager
-def serve_app_in_thread(backend: Backend, **settings: Any):  # type: ignore[no-untyped-def]
-    """``create_app(backend=…)`` under a real uvicorn on a free port, in a thread."""
+def serve_app_in_thread(backend: Backend | None, **settings: Any):  # type: ignore[no-untyped-def]
+    """``create_app(backend=…)`` under a real uvicorn on a free port, in a thread, with the
+    HTTP protocol ``tokenwire serve`` uses. ``backend=None`` with ``no_embedded=True``: a
+    gateway-only server (``upstream=[…]``)."""
     from tokenwire.server.app import create_app
+    from tokenwire.server.http import HttpProtocol
 
     port = free_port()
     app = create_app(Settings(port=port, **settings), backend=backend)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=HttpProtocol, log_level="warning"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 
-from tests.conftest import free_port, wait_until_healthy
 from tests.fault_upstream import RunningFault, fault_upstream
+from tests.scripted import serve_app_in_thread
 from tokenwire.backends._upstream import UpstreamCall, UpstreamConfig
 from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.backends.openai import OpenAIBackend
 from tokenwire.cancel import CancelToken
-from tokenwire.config import Settings
 from tokenwire.errors import BackendProtocolError
 from tokenwire.events import (
     Event,
@@ -44,7 +40,7 @@ from tokenwire.events import (
 from tokenwire.journal import MemoryJournal, StreamMeta
 from tokenwire.requests import ChatRequest, Message
 from tokenwire.router import Router
-from tokenwire.server.http import DirectWrite, HttpProtocol
+from tokenwire.server.http import DirectWrite
 from tokenwire.streams import StreamManager
 
 pytestmark = pytest.mark.anyio
@@ -375,31 +371,10 @@ async def test_a_malformed_chunk_after_pushed_ones_fails_the_reader(
 # -- end to end: a real upstream, tokenwire under uvicorn, a client ----------------------------
 
 
-@contextmanager
-def gateway(upstream: RunningFault, **settings: Any) -> Iterator[str]:
-    from tokenwire.server.app import create_app
-
-    port = free_port()
-    app = create_app(
-        Settings(
-            port=port,
-            no_embedded=True,
-            upstream=[f"fault={upstream.url}"],
-            **settings,
-        )
+def gateway(upstream: RunningFault, **settings: Any) -> Any:
+    return serve_app_in_thread(
+        None, no_embedded=True, upstream=[f"fault={upstream.url}"], **settings
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=HttpProtocol, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/healthz", None, timeout=30)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def stream_body(url: str, prompt: str) -> tuple[list[dict[str, Any]], list[float]]:
