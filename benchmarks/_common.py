@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -9,10 +10,25 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["free_port", "percentile", "process", "wait_healthy"]
+__all__ = ["RESULTS", "free_port", "percentile", "process", "wait_healthy", "write_results"]
+
+#: Where every benchmark writes its results (``<stem>.json`` and ``<stem>.md``).
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(stem: str, result: Any, report: str) -> None:
+    """Save ``result`` as ``results/<stem>.json`` and the markdown ``report`` as
+    ``results/<stem>.md``, and print the report."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    report = report.rstrip("\n") + "\n"
+    (RESULTS / f"{stem}.md").write_text(report)
+    print(report, end="")
 
 
 def free_port() -> int:

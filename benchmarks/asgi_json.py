@@ -30,9 +30,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from _common import free_port
+from _common import free_port, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 TOKENS_ENV = "ASGI_BENCH_TOKENS"
 
@@ -287,10 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lines.append(f"| {name} | {row['ns_per_chunk']} |")
     lines.append("")
     stem = "asgi_json_smoke" if args.smoke else "asgi_json_quick" if args.quick else "asgi_json"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import RESULTS, write_results
+
 PROMPTS = [
     "Tell a short story about a lighthouse.",
     "Explain how rain forms.",
@@ -222,11 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stem += f"_{args.requantize}"
     if args.threads_batch != args.threads:
         stem += f"_tb{args.threads_batch}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    write_results(stem, result, markdown(result))
     plot(result, RESULTS / f"{stem}.png")
-    print(markdown(result))
     return result
 
 

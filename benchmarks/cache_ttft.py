@@ -11,20 +11,16 @@ request to the first content byte of the OpenAI stream, and to the end of the st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import free_port, write_results
 
 
 def timed_stream(base: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -133,10 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
     ]
     stem = "cache_ttft_smoke" if args.smoke else "cache_ttft_quick" if args.quick else "cache_ttft"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

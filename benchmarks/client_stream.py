@@ -38,14 +38,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port
+from _common import free_port, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ["the", " lighthouse", " keeper", " watched", " ships", ",", " and", " naïve", " 日本", "."]
 
 
@@ -353,12 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in results[part]
         if row["contender"] != "tokenwire"
     }
-    RESULTS.mkdir(exist_ok=True)
     stem = "client_stream_quick" if args.quick else "client_stream"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
-    (RESULTS / f"{stem}.md").write_text(report)
-    print(report)
+    write_results(stem, results, markdown(results))
     return 0
 
 

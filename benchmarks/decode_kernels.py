@@ -19,7 +19,6 @@ of each weight type in quality: perplexity over a fixed English text (lower is b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -27,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import write_results
+
 TEXTS = [Path("/usr/share/common-licenses/GPL-3"), Path(__file__).resolve().parent / "README.md"]
 SIZES = (1, 2, 4, 8)
 PROMPT_LEN = 40
@@ -172,8 +172,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     stem = "decode_kernels_quick" if args.quick else "decode_kernels"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# llama.cpp decode steps by weight type and threads",
         "",
@@ -192,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{row['step_2_ms']} | {row['step_4_ms']} | {row['step_8_ms']} | "
             f"{row['prefill_64_ms']} | **{row['batch_gain_8']}×** | {row['perplexity']} |"
         )
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

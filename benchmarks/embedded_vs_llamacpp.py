@@ -26,14 +26,12 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port, percentile, process, wait_healthy
+from _common import free_port, percentile, process, wait_healthy, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = [{"role": "user", "content": "Count from 1 to 300 without stopping: 1, 2, 3,"}]
 
 
@@ -234,9 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "goals": {"tokens_per_s_vs_peer": ">= 0.97", "tokens_per_s_vs_engine": ">= 0.97"},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "embedded_vs_llamacpp_quick" if args.quick else "embedded_vs_llamacpp"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Embedded model: tokenwire vs llama-cpp-python's server",
         "",
@@ -280,8 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"**{ratios['concurrent_tokens_per_s_vs_peer']:.2f}**",
         f"- TTFT max tokenwire / peer: **{ratios['concurrent_ttft_max_vs_peer']:.2f}**",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

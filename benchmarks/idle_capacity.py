@@ -42,9 +42,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, percentile
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _common import free_port, percentile, write_results
 
 
 def raise_fd_limit() -> int:
@@ -638,11 +636,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(uvloop.run(client_run(args))), flush=True)
         return {}
     if args.breakdown:
-        RESULTS.mkdir(parents=True, exist_ok=True)
         breakdown = run_breakdown(args.breakdown)
-        (RESULTS / "idle_capacity_breakdown.json").write_text(json.dumps(breakdown, indent=2))
-        (RESULTS / "idle_capacity_breakdown.md").write_text(breakdown_markdown(breakdown))
-        print(breakdown_markdown(breakdown))
+        write_results("idle_capacity_breakdown", breakdown, breakdown_markdown(breakdown))
         return breakdown
     if args.quick:
         args.streams, args.active, args.hold = min(args.streams, 2000), min(args.active, 200), 8
@@ -653,7 +648,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "idle": run_side("idle", args.streams, args.hold, args.heartbeat, args.rate),
         "active": run_side("active", args.active, args.hold, args.heartbeat, args.rate),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     name = "idle_capacity_smoke" if args.smoke else "idle_capacity_quick" if args.quick else ""
     name = name or "idle_capacity"
     # Against the targets (lower is better; <= 1 meets the target).
@@ -663,9 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heartbeat_lag_p99_vs_250ms_ratio": round(idle["heartbeat_lag_p99_ms"] / 250, 2),
         "active_stall_max_vs_50ms_ratio": round(active["loop_stall_max_ms"] / 50, 2),
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(name, results, markdown(results))
     return results
 
 

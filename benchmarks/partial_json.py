@@ -34,12 +34,10 @@ import platform
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from _common import write_results
 from tokenwire.jsonstream import PartialJsonParser
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 Contender = Callable[[list[str]], Any]
 
@@ -214,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "growth_exponent": exponents,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "partial_json_quick" if args.quick else "partial_json"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Partial JSON: incremental parser vs re-parsing per delta",
         "",
@@ -236,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines += ["", "Growth exponent of time vs size (1 = linear, 2 = quadratic):", ""]
     lines += [f"- {name}: {exp}" for name, exp in exponents.items()]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return 0
 
 

@@ -37,10 +37,9 @@ from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, percentile, process, wait_healthy
+from _common import free_port, percentile, process, wait_healthy, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 UPSTREAM = ROOT / "tests" / "fault_upstream.py"
 STAMP = re.compile(rb"(\d+)@(\d+)@")
 
@@ -360,9 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tokenwire_chunks_per_s_per_core": ">= 50000",
         },
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "relay_overhead" + ("_quick" if args.quick else "") + ("_rt" if args.realtime else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# Relay overhead: direct vs tokenwire vs LiteLLM proxy",
         "",
@@ -407,8 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "Goals: tokenwire added latency p99 ≤ 1 ms, ≥ 4× below LiteLLM's; "
         "≥ 50,000 relayed chunks/s per core.",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import socket
@@ -30,18 +29,16 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from _common import free_port
+from _common import free_port, write_results
 from tokenwire.events import StreamCompleted, StreamStarted, TextDelta
 from tokenwire.journal import MemoryJournal, StreamMeta
 from tokenwire.journal.base import Journal
 from tokenwire.journal.redis import RedisJournal
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = [{"role": "user", "content": "Count from 1 to 5000, separated by commas."}]
 
 
@@ -355,11 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "append_cost": costs,
         "resume_latency": latency,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "resume_latency_quick" if args.quick else "resume_latency"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(stem, result, markdown(result))
     return 0
 
 
