@@ -436,10 +436,10 @@ class UpstreamCall:
         left: events the sink refused (in ``_buffer``; pushing is over), an error, the end.
         """
         relay, sink, buffer = self._relay, self._sink, self._buffer
-        if relay is None or sink is None or self._cancelled or self._error is not None:
+        if relay is None or sink is None or self._cancelled:
             return False  # ending: the reader sees why
-        if self._push_error is not None:
-            return False
+        if self._error is not None or self._push_error is not None:
+            return False  # failed: the reader raises it
         self._read_at = self._loop.time()
         decoder = relay.decoder
         try:
