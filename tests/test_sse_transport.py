@@ -20,7 +20,8 @@ import pytest
 import uvicorn
 from starlette.types import Message, Receive, Scope, Send
 
-from tokenwire.server.http import HttpProtocol, LeanEvent
+from tokenwire.cancel import LeanEvent
+from tokenwire.server.http import HttpProtocol
 from tokenwire.transports.sse import EventSourceResponse, StreamHandoff, heartbeat_scheduler
 
 from .conftest import free_port

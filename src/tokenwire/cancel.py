@@ -2,52 +2,82 @@
 
 A ``CancelToken`` is set once, from the event loop, with a reason. Decode threads poll
 ``is_cancelled()`` between tokens (a plain flag read); async code awaits ``wait()``.
+
+Both rest on ``LeanEvent``, ``asyncio.Event``'s interface with its waiter list made on first
+wait: every open stream holds a token, and every connection two events (server/http.py), so
+an ``asyncio.Event``'s ~0.9 KB (its deque preallocates 64 slots) or a ``threading.Event``'s
+~1 KB each would add up at 10,000 idle streams (benchmarks/idle_capacity.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
-__all__ = ["CancelToken"]
+__all__ = ["CancelToken", "LeanEvent"]
+
+
+class LeanEvent:
+    """``asyncio.Event``'s interface in ~60 bytes instead of ~900 (no deque, no dict)."""
+
+    __slots__ = ("_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._value = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def set(self) -> None:
+        if self._value:
+            return
+        self._value = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(True)
+
+    def clear(self) -> None:
+        self._value = False
+
+    async def wait(self) -> Literal[True]:
+        if self._value:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            waiters = self._waiters
+            if waiters is not None and waiter in waiters:  # cancelled before set()
+                waiters.remove(waiter)
 
 
 class CancelToken:
-    __slots__ = ("_flag", "_waiters", "reason")
+    __slots__ = ("_set", "reason")
 
     def __init__(self) -> None:
-        # A plain bool: set once on the loop, read by decode threads (atomic under the
-        # GIL). A threading.Event cost ~1 KB per stream, a lot at 10,000 idle streams.
-        self._flag = False
-        # Futures of ``wait()`` callers, made on first wait: an asyncio.Event costs ~0.9 KB
-        # (its deque preallocates 64 slots), per stream (benchmarks/idle_capacity.py).
-        self._waiters: list[asyncio.Future[None]] | None = None
+        # Its flag is a plain bool: set once on the loop, read by decode threads (atomic
+        # under the GIL).
+        self._set = LeanEvent()
         self.reason: str | None = None
 
     def cancel(self, reason: str = "stop") -> bool:
         """Set the token; returns False if it was already set (cancel is idempotent)."""
-        if self._flag:
+        if self._set._value:
             return False
         self.reason = reason
-        self._flag = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(None)
+        self._set.set()
         return True
 
     def is_cancelled(self) -> bool:
-        return self._flag
+        return self._set._value  # read per token: no method call of the event's
 
     async def wait(self) -> str:
-        if not self._flag:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = [waiter]
-            else:
-                self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)  # the waiter was cancelled
+        await self._set.wait()
         return self.reason or "stop"

@@ -4,8 +4,8 @@ An idle SSE stream costs mostly its connection (benchmarks/idle_capacity.py). uv
 protocol gives every connection an empty ``deque`` for pipelined requests and two
 ``asyncio.Event`` (request body / disconnect, write flow control), each holding a deque:
 ~0.8 KB apiece, because a deque preallocates a 64-slot block. ``HttpProtocol`` is the same
-protocol with a slotted ``LeanEvent`` (its waiter list made on first wait) and a list for the
-rarely used pipeline: ~2 KB less per open connection. Only those containers differ; parsing,
+protocol with cancel.py's ``LeanEvent`` (its waiter list made on first wait) and a list for
+the rarely used pipeline: ~2 KB less per open connection. Only those containers differ; parsing,
 keep-alive, flow control and the ASGI cycle are uvicorn's own code.
 
 It also offers each request a direct body write (``transports.sse.DIRECT_WRITE_KEY`` in the
@@ -25,55 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Any, Literal
+from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from tokenwire.cancel import LeanEvent
 from tokenwire.transports.sse import DIRECT_WRITE_KEY
 
-__all__ = ["DirectWrite", "HttpProtocol", "LeanEvent"]
-
-
-class LeanEvent:
-    """``asyncio.Event``'s interface in ~60 bytes instead of ~900 (no deque, no dict)."""
-
-    __slots__ = ("_value", "_waiters")
-
-    def __init__(self) -> None:
-        self._value = False
-        self._waiters: list[asyncio.Future[bool]] | None = None
-
-    def is_set(self) -> bool:
-        return self._value
-
-    def set(self) -> None:
-        if self._value:
-            return
-        self._value = True
-        waiters, self._waiters = self._waiters, None
-        for waiter in waiters or ():
-            if not waiter.done():
-                waiter.set_result(True)
-
-    def clear(self) -> None:
-        self._value = False
-
-    async def wait(self) -> Literal[True]:
-        if self._value:
-            return True
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = [waiter]
-        else:
-            self._waiters.append(waiter)
-        try:
-            await waiter
-            return True
-        finally:
-            waiters = self._waiters
-            if waiters is not None and waiter in waiters:  # cancelled before set()
-                waiters.remove(waiter)
+__all__ = ["DirectWrite", "HttpProtocol"]
 
 
 class _Pipeline(list[Any]):
