@@ -42,7 +42,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, percentile, write_results
+from _common import free_port, percentile, process, wait_healthy, write_results
 
 
 def raise_fd_limit() -> int:
@@ -370,34 +370,12 @@ def server_process(
     mode: str, heartbeat: float, rate: float, env: dict[str, str] | None = None
 ) -> Iterator[int]:
     """This file with ``--serve`` on a free port; yields the port once /healthz answers."""
-    import httpx
-
     port = free_port()
     common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
-    server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--serve", "--port", str(port), *common],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("capacity server did not start")
-            time.sleep(0.2)
+    here = str(Path(__file__).resolve())
+    with process([sys.executable, here, "--serve", "--port", str(port), *common], env) as server:
+        wait_healthy(f"http://127.0.0.1:{port}/healthz", server, 60)
         yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) -> dict[str, Any]:
