@@ -79,3 +79,17 @@ def anyio_timeout(seconds: float):  # type: ignore[no-untyped-def]
     import anyio
 
     return anyio.fail_after(seconds)
+
+
+async def test_snapshot_does_not_wait_and_delete_forgets_a_finished_stream() -> None:
+    journal = MemoryJournal(max_bytes=10_000)
+    await journal.create(meta())
+    await journal.append("s1", TextDelta(text="a"))
+    assert [e.seq for e in await journal.snapshot("s1")] == [0]  # no terminal yet: no wait
+    await journal.delete("s1")  # still generating: kept until its end
+    await journal.append("s1", StreamCompleted())
+    assert [e.type for e in await journal.snapshot("s1")] == ["text.delta", "stream.completed"]
+    await journal.delete("s1")
+    with pytest.raises(StreamNotFound):  # gone, not expired
+        await journal.snapshot("s1")
+    assert journal.stats()["bytes"] == 0

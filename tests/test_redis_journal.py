@@ -356,3 +356,22 @@ async def test_a_reader_survives_its_connection_being_dropped(
     await a.append(meta.id, StreamCompleted())
     await asyncio.wait_for(reader, 20)
     assert seen == list(range(31))
+
+
+async def test_snapshot_and_delete_from_another_replica(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await a.create(meta)
+    await a.append(meta.id, StreamStarted(id=meta.id, model="m", created=0))
+    await a.append(meta.id, TextDelta(text="x"))
+    await a._stored(a._producing[meta.id], 1)  # flushed (appends are group-committed)
+    assert [e.seq for e in await asyncio.wait_for(b.snapshot(meta.id), 5)] == [0, 1]
+    await a.append(meta.id, StreamCompleted())
+    assert isinstance((await b.snapshot(meta.id))[-1], StreamCompleted)
+    await b.delete(meta.id)
+    with pytest.raises(StreamNotFound):
+        await a.snapshot(meta.id)
+    with pytest.raises(StreamNotFound):
+        await a.meta(meta.id)

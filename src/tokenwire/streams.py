@@ -10,7 +10,8 @@ Promises:
 - every stream ends with exactly one terminal event, whatever the backend does;
 - a stream that would write more than ``max_stream_bytes`` to the journal fails with
   ``stream_too_large`` before the event that crosses it; what came before stays readable;
-- a stream with no readers left is cancelled after ``disconnect_grace`` seconds (0: at once).
+- a stream with no readers left is cancelled after ``disconnect_grace`` seconds (0: at once),
+  unless it was started ``background=True`` (it then generates to its end unread).
 
 When no stage wraps a backend's iterator that can push (``backends.base.PushSource``) and
 the journal appends without awaiting, the producer hands it a sink (``_Appender.take``):
@@ -134,6 +135,8 @@ class _Producing:
     grace_timer: asyncio.TimerHandle | None = None
     done: bool = False
     owner: str | None = None
+    #: Generates to its end with no reader: the disconnect policy does not apply.
+    background: bool = False
 
 
 class StreamManager:
@@ -201,8 +204,10 @@ class StreamManager:
         protocol: str,
         owner: str | None = None,
         render: dict[str, Any] | None = None,
+        background: bool = False,
     ) -> StreamMeta:
-        """Start producing; returns once the backend accepted the request.
+        """Start producing; returns once the backend accepted the request. A ``background``
+        stream keeps generating with no reader (only Stop ends it early).
 
         Raises the backend's ``RequestError`` (model not found, context too long, queue
         full) if it rejects the request before its first event.
@@ -216,7 +221,7 @@ class StreamManager:
             owner=owner,
             render=dict(render or {}),
         )
-        producing = _Producing(cancel=CancelToken(), owner=owner)
+        producing = _Producing(cancel=CancelToken(), owner=owner, background=background)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(
@@ -229,7 +234,12 @@ class StreamManager:
             # The caller went away while we waited for acceptance: nobody will read.
             self._cancel_local(meta.id, "disconnect")
             raise
-        if producing.readers == 0 and not producing.done and producing.grace_timer is None:
+        if (
+            producing.readers == 0
+            and not producing.done
+            and producing.grace_timer is None
+            and not background
+        ):
             # A caller that vanishes before its reader starts (between the response headers
             # and the first read) never "leaves"; the first reader cancels this timer.
             producing.grace_timer = asyncio.get_running_loop().call_later(
@@ -345,6 +355,14 @@ class StreamManager:
     async def meta(self, stream_id: str) -> StreamMeta:
         return await self.journal.meta(stream_id)
 
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        """The events journaled so far, without waiting for more."""
+        return await self.journal.snapshot(stream_id)
+
+    async def delete(self, stream_id: str) -> None:
+        """Forget a finished stream (``Journal.delete``)."""
+        await self.journal.delete(stream_id)
+
     async def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
         """Events after ``after``, replay then live, until the terminal event.
 
@@ -383,7 +401,7 @@ class StreamManager:
     def _reader_gone(self, stream_id: str, producing: _Producing | None) -> None:
         if producing is not None:
             producing.readers -= 1
-            if producing.readers == 0 and not producing.done:
+            if producing.readers == 0 and not producing.done and not producing.background:
                 self._reader_left(stream_id, producing)
 
     def _reader_left(self, stream_id: str, producing: _Producing) -> None:

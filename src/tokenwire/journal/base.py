@@ -110,6 +110,16 @@ class Journal(abc.ABC):
     async def meta(self, stream_id: str) -> StreamMeta:
         """The stream's metadata; raises ``StreamNotFound`` or ``StreamExpired``."""
 
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        """Every event stored so far, in order, without waiting for more (a poll: the
+        Responses API's ``GET``); raises ``StreamNotFound`` or ``StreamExpired``."""
+        raise NotImplementedError
+
+    async def delete(self, stream_id: str) -> None:
+        """Forget a finished stream (its events and meta): later reads raise
+        ``StreamNotFound``. Cancel a stream still generating and wait for its end first."""
+        raise NotImplementedError
+
     async def signal_cancel(self, stream_id: str, reason: str) -> None:  # noqa: B027
         """Ask whichever process produces ``stream_id`` to cancel it (cross-replica)."""
 

@@ -223,6 +223,17 @@ class MemoryJournal(Journal):
     async def meta(self, stream_id: str) -> StreamMeta:
         return self._log(stream_id).meta
 
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        return list(self._log(stream_id).events)
+
+    async def delete(self, stream_id: str) -> None:
+        log = self._logs.get(stream_id)
+        if log is None or log.finished_at is None:
+            return  # a stream still generating keeps its log until its terminal event
+        del self._logs[stream_id]
+        self._finished.pop(stream_id, None)
+        self._bytes -= log.size
+
     def evict(self, now: float | None = None) -> int:
         """Drop finished streams past their TTL or beyond the count bound, oldest first."""
         now = time.monotonic() if now is None else now

@@ -400,6 +400,26 @@ class RedisJournal(Journal):
                 await _guarded(self._raise_missing(stream_id))
         return StreamMeta.from_dict(orjson.loads(raw))
 
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        events_key, meta_key = self._keys(stream_id)[:2]
+        with _translated("reading a stream"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.exists(meta_key)
+                pipe.xrange(events_key, "-", "+")
+                exists, entries = await _guarded(pipe.execute())
+            if not exists:
+                await _guarded(self._raise_missing(stream_id))
+        return [_decode(entry_id, fields) for entry_id, fields in entries]
+
+    async def delete(self, stream_id: str) -> None:
+        events_key, meta_key, gone_key, _, finished_key, readers_key = self._keys(stream_id)
+        with _translated("deleting a stream"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                # The tombstone too: a deleted id answers 404 (never existed), not 410.
+                pipe.delete(events_key, meta_key, gone_key, readers_key)
+                pipe.zrem(finished_key, stream_id)
+                await _guarded(pipe.execute())
+
     async def _raise_missing(self, stream_id: str) -> None:
         gone = self._keys(stream_id)[2]
         if await self._redis.exists(gone):
