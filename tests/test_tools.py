@@ -25,6 +25,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.requests import ChatRequest, Tool
@@ -200,6 +201,11 @@ async def test_loop_runs_tool_and_streams_final_answer(registry: ToolRegistry) -
     assert tool_messages(second) == ["5"]
     assistant = second.messages[-2]
     assert assistant.tool_calls[0].name == "add" and assistant.tool_calls[0].id == "call_1"
+    # One tool.result per call, for wires that show server-run tools (UI message stream).
+    (result,) = [e for e in events if isinstance(e, ToolResult)]
+    assert (result.id, result.name, result.output, result.error) == ("call_1", "add", "5", False)
+    assert json.loads(result.arguments) == {"a": 2, "b": 3}
+    assert events.index(result) < first_text
 
 
 @pytest.mark.anyio
@@ -226,6 +232,8 @@ async def test_tool_errors_timeouts_and_bad_arguments_go_back_to_the_model(
     assert any(m.startswith("boom failed") for m in messages)
     assert "slow timed out after 0.3s" in messages
     assert "add: invalid arguments" in messages
+    failed = [(e.name, e.error) for e in events if isinstance(e, ToolResult)]
+    assert failed == [("boom", True), ("slow", True), ("add", True), ("async_echo", False)]
     # The invalid call was cut off at the bad character: its step was closed early.
     assert backend.closed[2] is True
 

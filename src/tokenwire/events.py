@@ -28,6 +28,7 @@ __all__ = [
     "ToolCallCompleted",
     "ToolCallDelta",
     "ToolCallStarted",
+    "ToolResult",
     "Usage",
     "event_from_dict",
 ]
@@ -110,6 +111,24 @@ class ToolCallCompleted(Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class ToolResult(Event):
+    """A server-side tool ran (``tools.ToolLoop``): the call and what it returned.
+
+    Its ``tool_call.*`` events are the server's business and not passed on (OpenAI clients
+    would see calls to functions they never declared); wires that can show a tool the server
+    ran (the UI message stream's tool parts) render this instead.
+    """
+
+    type: ClassVar[str] = "tool.result"
+    id: str
+    name: str
+    arguments: str
+    output: str
+    #: The call failed (raised, timed out, bad arguments): ``output`` is the error message.
+    error: bool = False
+
+
+@dataclass(slots=True, kw_only=True)
 class JsonPartial(Event):
     type: ClassVar[str] = "json.partial"
     value: Any
@@ -169,6 +188,7 @@ _EVENT_TYPES: dict[str, type[Event]] = {
         ToolCallStarted,
         ToolCallDelta,
         ToolCallCompleted,
+        ToolResult,
         JsonPartial,
         GuardTriggered,
         Usage,

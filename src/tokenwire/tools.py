@@ -13,7 +13,9 @@ call and its result to the conversation as a ``tool`` message, and asks the mode
 it answers without calling a server-side tool. Then the final answer streams as usual.
 
 - Server-side calls are the server's business: their ``tool_call.*`` events are not passed on
-  (OpenAI clients would see calls to functions they never declared); progress says it all.
+  (OpenAI clients would see calls to functions they never declared); progress says it all,
+  and a ``tool.result`` event per call (the call and its output) serves wires that show
+  server-run tools (the UI message stream's tool parts); the others skip it.
   Calls to the client's own tools end the stream with ``finish_reason`` ``tool_calls`` as usual
   (server-side calls of that same turn are then not run: the client continues the turn).
 - A tool that raises, times out (``timeout`` per tool, default the loop's) or gets invalid
@@ -51,6 +53,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.requests import ChatRequest, Message, Tool, ToolCall
@@ -296,6 +299,13 @@ class ToolLoop:
                     if cancel.is_cancelled():
                         return
                 assistant.tool_calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
+                yield ToolResult(
+                    id=call_id,
+                    name=name,
+                    arguments=arguments,
+                    output=result.content,
+                    error=not result.ok,
+                )
                 results.append(
                     Message(role="tool", content=result.content, tool_call_id=call_id, name=name)
                 )
