@@ -1,20 +1,23 @@
-"""Fair FIFO admission to a scarce resource (the embedded model's decode slots).
+"""Fair FIFO admission to a scarce resource (an in-process engine's decode slots).
 
 Joining is synchronous, so a full queue is refused before any response header is sent
 (429 with Retry-After). Waiters see their position change as the queue moves, for
-``progress`` events, and leave cleanly when cancelled.
+``progress`` events, and leave cleanly when cancelled. ``admitted`` is the loop any
+in-process backend runs around its decoding: queue, ``progress(queued)`` while waiting,
+``progress(prefill)``, then the backend's events, and the slot freed when they end.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import Overloaded
+from tokenwire.events import Event, Progress, aclose
 
-__all__ = ["FairQueue", "Ticket"]
+__all__ = ["FairQueue", "Ticket", "admitted"]
 
 
 class Ticket:
@@ -105,3 +108,41 @@ class FairQueue:
             ticket.admitted = True
             self._running += 1
             ticket._moved.set()
+
+
+async def admitted(
+    queue: FairQueue,
+    cancel: CancelToken,
+    run: Callable[[], AsyncIterator[Event]],
+    *,
+    prefill: str,
+) -> AsyncGenerator[Event, None]:
+    """``run()``'s events once ``queue`` admits this request, with progress before them.
+
+    A full queue raises ``Overloaded`` before any event. While waiting: a
+    ``progress(queued)`` event each time the position changes; a cancel while waiting ends
+    the stream with no further event. Then ``progress(prefill)`` with ``prefill`` as its
+    message, and ``run()``'s events. The slot is given back only after ``run()``'s iterator
+    is closed, so a consumer that stops early ends decoding before the next request starts.
+    """
+    ticket = queue.join()
+    try:
+        if not ticket.admitted:
+            async for position in ticket.positions(cancel):
+                if position:
+                    yield Progress(
+                        stage="queued",
+                        message=f"waiting for the model: position {position}",
+                        position=position,
+                    )
+            if cancel.is_cancelled():
+                return
+        yield Progress(stage="prefill", message=prefill)
+        events = run()
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await aclose(events)
+    finally:
+        ticket.leave()

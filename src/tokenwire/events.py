@@ -11,6 +11,7 @@ Every stream ends with exactly one terminal event: ``stream.completed``,
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ __all__ = [
     "ToolCallStarted",
     "ToolResult",
     "Usage",
+    "aclose",
     "event_from_dict",
 ]
 
@@ -206,3 +208,10 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     fields = dict(data)
     cls = _EVENT_TYPES[fields.pop("type")]
     return cls(**fields)
+
+
+async def aclose(events: AsyncIterator[Event]) -> None:
+    """Close an event iterator (an async generator: runs the backend's cleanup now)."""
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()

@@ -33,10 +33,16 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from tokenwire.errors import InvalidRequest
-from tokenwire.events import Event, StreamCompleted, TextDelta, ToolCallDelta, ToolCallStarted
+from tokenwire.events import (
+    Event,
+    StreamCompleted,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStarted,
+    aclose,
+)
 from tokenwire.jsonstream import JsonStreamError, PartialJsonParser
 from tokenwire.requests import ChatRequest, Tool
-from tokenwire.stages.structured import aclose
 
 __all__ = [
     "forced_tool",

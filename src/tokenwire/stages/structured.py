@@ -34,7 +34,7 @@ from jsonschema.validators import validator_for
 
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import InvalidRequest, OutputValidationError
-from tokenwire.events import Event, JsonPartial, StreamCompleted, TextDelta
+from tokenwire.events import Event, JsonPartial, StreamCompleted, TextDelta, aclose
 from tokenwire.jsonstream import JsonStreamError, PartialJsonParser, format_path
 from tokenwire.requests import ChatRequest
 
@@ -384,10 +384,3 @@ async def _structured(events: AsyncIterator[Event], schema: dict[str, Any]) -> A
     finally:
         # Stop the backend now (a no-op after a normal end): decoding ends with the stage.
         await aclose(events)
-
-
-async def aclose(events: AsyncIterator[Event]) -> None:
-    """Close an event iterator (an async generator: runs the backend's cleanup now)."""
-    close = getattr(events, "aclose", None)
-    if close is not None:
-        await close()
