@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev system-deps serve test lint bench bench-env clean
+.PHONY: install install-dev system-deps serve test lint unasync bench bench-env clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,14 @@ serve: install
 	$(VENV)/bin/tokenwire serve --host $(HOST) --port $(PORT)
 
 lint: install-dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	$(PY) scripts/unasync.py --check
 	$(VENV)/bin/mypy
+
+# The sync client (client/_sync.py) is generated from the async one (client/_async.py).
+unasync: install-dev
+	$(PY) scripts/unasync.py
 
 test: install-dev system-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

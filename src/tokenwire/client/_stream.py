@@ -1,10 +1,10 @@
-"""One chat stream, sync (``ChatStream``) and async (``AsyncChatStream``).
+"""The sans-IO core of one chat stream: everything about a stream that is not I/O.
 
-A stream is a context manager and an iterable of typed events. Everything that is not I/O
-(building requests, decoding and mapping events, deciding whether and when to resume, the
-final result) lives in ``_StreamCore`` so the two twins differ only in ``await``.
+``_StreamCore`` builds the requests, decodes and maps the events, decides whether and when to
+resume, and makes the final result; ``_async.py`` (``AsyncChatStream``) and the ``_sync.py``
+generated from it (``ChatStream``) only do the I/O it asks for.
 
-Promises:
+Promises (kept by the core together with the I/O loop in ``_async.py``):
 - a dropped connection (transport error, read timeout, or the server closing before the
   terminal event) resumes from the last event id with ``GET /v1/streams/{id}`` and a
   ``Last-Event-ID`` header, after the server's ``retry:`` delay doubled per failed attempt
@@ -14,16 +14,13 @@ Promises:
   received so far;
 - the HTTP response is always closed: on ``with``/``async with`` exit, when iteration ends
   for any reason outside a ``with`` block (``break``, an exception, the end), and on
-  ``close()``.
+  ``close()``/``aclose()``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -37,9 +34,7 @@ from tokenwire.errors import (
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
-    StreamExpired,
     StreamInterrupted,
-    StreamNotFound,
     TokenwireError,
 )
 from tokenwire.events import (
@@ -55,7 +50,7 @@ from tokenwire.events import (
     Usage,
 )
 
-__all__ = ["AsyncChatStream", "ChatResult", "ChatStream", "RetryPolicy"]
+__all__ = ["ChatResult", "RetryPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +92,7 @@ class ChatResult:
         return self.finish_reason == "cancelled"
 
 
-class _Dropped(Exception):
+class Dropped(Exception):
     """The server closed the body before the terminal event."""
 
 
@@ -110,7 +105,7 @@ class _Target:
 
 
 @dataclass
-class _StreamCore:
+class StreamCore:
     base_url: str
     headers: dict[str, str]
     mapper: Mapper
@@ -175,6 +170,14 @@ class _StreamCore:
     def http_error(self, response: httpx.Response, body: bytes) -> TokenwireError:
         return error_from_response(response.status_code, body, response.headers, model=self.model)
 
+    def check_cancel_answer(self, response: httpx.Response, *, gone_ok: bool) -> None:
+        """Raise the typed error of a refused Stop; with ``gone_ok``, a stream that already
+        finished and is gone (404, 410) has nothing left to stop."""
+        if gone_ok and response.status_code in (404, 410):
+            return
+        if response.status_code >= 400:
+            raise self.http_error(response, response.content)
+
     # -- events ------------------------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -188,7 +191,7 @@ class _StreamCore:
                 raise BackendProtocolError(f"malformed stream event {sse.data[:200]!r}") from exc
             for event in events:
                 if self._accept(event):
-                    out.append(event)
+                    out.append(self._mapped_terminal(event))
         if self._decoder.retry is not None:
             self.retry_ms = self._decoder.retry
         if out:
@@ -196,7 +199,7 @@ class _StreamCore:
         return out
 
     def eof(self) -> list[Event]:
-        return [event for event in self.mapper.on_eof() if self._accept(event)]
+        return [self._mapped_terminal(e) for e in self.mapper.on_eof() if self._accept(e)]
 
     def _accept(self, event: Event) -> bool:
         """Record one event; False if it is a repeat of one already delivered."""
@@ -231,7 +234,7 @@ class _StreamCore:
         self._accept(event)
         return event
 
-    def mapped_terminal(self, event: Event) -> Event:
+    def _mapped_terminal(self, event: Event) -> Event:
         """A Stop we asked for ends foreign protocols with finish_reason "stop": say so."""
         if (
             self.cancel_requested
@@ -302,17 +305,20 @@ class _StreamCore:
         )
 
 
-def _transport_error(exc: httpx.HTTPError, url: str) -> TokenwireError:
+def transport_error(exc: httpx.HTTPError, url: str) -> TokenwireError:
     if isinstance(exc, httpx.TimeoutException):
         return BackendTimeout(f"{url}: timed out ({type(exc).__name__})")
     return BackendUnavailable(f"could not reach {url}: {exc}")
 
 
-_DROPS = (httpx.TransportError, httpx.StreamError, _Dropped)
+#: What counts as a dropped connection: resume after it.
+DROPS = (httpx.TransportError, httpx.StreamError, Dropped)
 
 
-class _StreamBase:
-    def __init__(self, core: _StreamCore) -> None:
+class StreamView:
+    """The read-only view of a stream that ``ChatStream`` and ``AsyncChatStream`` share."""
+
+    def __init__(self, core: StreamCore) -> None:
         self._core = core
         self._entered = False
         self._closed = False
@@ -339,345 +345,3 @@ class _StreamBase:
     @property
     def terminal(self) -> Event | None:
         return self._core.terminal
-
-
-class ChatStream(_StreamBase):
-    """A streaming chat response (sync). Use as ``with client.chat.stream(...) as stream:``."""
-
-    def __init__(self, http: httpx.Client, core: _StreamCore) -> None:
-        super().__init__(core)
-        self._http = http
-        self._response: httpx.Response | None = None
-        self._source: Iterator[Event] | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def __enter__(self) -> ChatStream:
-        self._entered = True
-        self._open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release the connection. Idempotent; the server keeps the stream for resume."""
-        self._closed = True
-        if self._source is not None:
-            self._source.close()  # type: ignore[attr-defined]
-        self._close_response()
-
-    def _close_response(self) -> None:
-        response, self._response = self._response, None
-        if response is not None:
-            response.close()
-
-    def _connect(self) -> httpx.Response:
-        core = self._core
-        target = core.next_target()
-        request = self._http.build_request(
-            target.method, target.url, headers=target.headers, json=target.json
-        )
-        core.sending()
-        try:
-            response = self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            if core.connections == 0:
-                raise _transport_error(exc, target.url) from exc
-            raise
-        if response.status_code != 200:
-            try:
-                body = response.read()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                response.close()
-            raise core.http_error(response, body)
-        try:
-            core.connected(response)
-        except BaseException:
-            response.close()
-            raise
-        return response
-
-    def _open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this stream is closed")
-        if self._response is None and self._core.connections == 0:
-            self._response = self._connect()
-
-    def _reconnect(self, cause: BaseException) -> None:
-        core = self._core
-        while True:
-            time.sleep(core.next_delay(cause))
-            try:
-                self._response = self._connect()
-                return
-            except (StreamNotFound, StreamExpired) as exc:
-                raise core.interrupted(exc) from exc
-            except (httpx.HTTPError, TokenwireError) as exc:
-                cause = exc
-
-    # -- events ------------------------------------------------------------------------------
-
-    def _events(self) -> Iterator[Event]:
-        core = self._core
-        try:
-            self._open()
-            while core.terminal is None:
-                try:
-                    assert self._response is not None
-                    for chunk in self._response.iter_bytes():
-                        for event in core.feed(chunk):
-                            event = core.mapped_terminal(event)
-                            yield event
-                            if event.terminal:
-                                return
-                    for event in core.eof():
-                        event = core.mapped_terminal(event)
-                        yield event
-                        if event.terminal:
-                            return
-                    raise _Dropped("the server closed the stream before its end")
-                except _DROPS as exc:
-                    self._close_response()
-                    if core.cancel_requested and not core.resumable:
-                        yield core.cancelled_event()
-                        return
-                    if self._closed:
-                        return
-                    self._reconnect(exc)
-        finally:
-            self._close_response()
-
-    def __iter__(self) -> Iterator[Event]:
-        if self._source is None:
-            self._source = self._events()
-        source = self._source
-        try:
-            yield from _no_close(source)
-        finally:
-            if not self._entered:
-                self.close()
-
-    def text_stream(self) -> Iterator[str]:
-        """The text pieces as they arrive. Raises the typed error if the stream failed."""
-        for event in self:
-            if isinstance(event, TextDelta):
-                yield event.text
-            elif isinstance(event, StreamFailed):
-                self._core.result()
-
-    def partial_objects(self) -> Iterator[Any]:
-        """Each progressively validated value of a structured output (``json.partial``)."""
-        for event in self:
-            if isinstance(event, JsonPartial):
-                yield event.value
-            elif isinstance(event, StreamFailed):
-                self._core.result()
-
-    def final(self) -> ChatResult:
-        """Read to the end and return the whole result (raises if the stream failed)."""
-        for _ in self:
-            pass
-        return self._core.result()
-
-    def cancel(self) -> None:
-        """Stop generation on the server (``POST /v1/streams/{id}/cancel``).
-
-        Keep reading afterwards: the stream ends with ``stream.cancelled``. On a server that
-        named no stream, closing the connection is the only Stop there is, so that is done.
-        Safe to call from another thread (a signal handler's helper thread).
-        """
-        core = self._core
-        core.cancel_requested = True
-        if core.resumable and core.stream_id:
-            try:
-                response = self._http.post(core.cancel_url(), headers=core.headers)
-            except httpx.HTTPError as exc:
-                raise _transport_error(exc, core.cancel_url()) from exc
-            if response.status_code in (404, 410):
-                return  # already finished and gone: nothing to stop
-            if response.status_code >= 400:
-                raise core.http_error(response, response.content)
-            return
-        self._close_response()
-
-
-def _no_close(source: Iterator[Event]) -> Iterator[Event]:
-    """Iterate ``source`` without closing it when this wrapper is closed (``break``)."""
-    while True:
-        try:
-            event = next(source)
-        except StopIteration:
-            return
-        yield event
-
-
-class AsyncChatStream(_StreamBase):
-    """A streaming chat response (async). Use as ``async with client.chat.stream(...)``."""
-
-    def __init__(self, http: httpx.AsyncClient, core: _StreamCore) -> None:
-        super().__init__(core)
-        self._http = http
-        self._response: httpx.Response | None = None
-        self._source: AsyncIterator[Event] | None = None
-
-    async def __aenter__(self) -> AsyncChatStream:
-        self._entered = True
-        await self._open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Release the connection. Idempotent; the server keeps the stream for resume."""
-        self._closed = True
-        if self._source is not None:
-            await self._source.aclose()  # type: ignore[attr-defined]
-        await self._close_response()
-
-    async def _close_response(self) -> None:
-        response, self._response = self._response, None
-        if response is not None:
-            await response.aclose()
-
-    async def _connect(self) -> httpx.Response:
-        core = self._core
-        target = core.next_target()
-        request = self._http.build_request(
-            target.method, target.url, headers=target.headers, json=target.json
-        )
-        core.sending()
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            if core.connections == 0:
-                raise _transport_error(exc, target.url) from exc
-            raise
-        if response.status_code != 200:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise core.http_error(response, body)
-        try:
-            core.connected(response)
-        except BaseException:
-            await response.aclose()
-            raise
-        return response
-
-    async def _open(self) -> None:
-        if self._closed:
-            raise RuntimeError("this stream is closed")
-        if self._response is None and self._core.connections == 0:
-            self._response = await self._connect()
-
-    async def _reconnect(self, cause: BaseException) -> None:
-        core = self._core
-        while True:
-            await asyncio.sleep(core.next_delay(cause))
-            try:
-                self._response = await self._connect()
-                return
-            except (StreamNotFound, StreamExpired) as exc:
-                raise core.interrupted(exc) from exc
-            except (httpx.HTTPError, TokenwireError) as exc:
-                cause = exc
-
-    async def _events(self) -> AsyncIterator[Event]:
-        core = self._core
-        try:
-            await self._open()
-            while core.terminal is None:
-                try:
-                    assert self._response is not None
-                    async for chunk in self._response.aiter_bytes():
-                        for event in core.feed(chunk):
-                            event = core.mapped_terminal(event)
-                            yield event
-                            if event.terminal:
-                                return
-                    for event in core.eof():
-                        event = core.mapped_terminal(event)
-                        yield event
-                        if event.terminal:
-                            return
-                    raise _Dropped("the server closed the stream before its end")
-                except _DROPS as exc:
-                    await self._close_response()
-                    if core.cancel_requested and not core.resumable:
-                        yield core.cancelled_event()
-                        return
-                    if self._closed:
-                        return
-                    await self._reconnect(exc)
-        finally:
-            await self._close_response()
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        if self._source is None:
-            self._source = self._events()
-        source = self._source
-        try:
-            while True:
-                try:
-                    event = await anext(source)
-                except StopAsyncIteration:
-                    return
-                yield event
-        finally:
-            if not self._entered:
-                await self.aclose()
-
-    async def text_stream(self) -> AsyncIterator[str]:
-        """The text pieces as they arrive. Raises the typed error if the stream failed."""
-        async for event in self:
-            if isinstance(event, TextDelta):
-                yield event.text
-            elif isinstance(event, StreamFailed):
-                self._core.result()
-
-    async def partial_objects(self) -> AsyncIterator[Any]:
-        """Each progressively validated value of a structured output (``json.partial``)."""
-        async for event in self:
-            if isinstance(event, JsonPartial):
-                yield event.value
-            elif isinstance(event, StreamFailed):
-                self._core.result()
-
-    async def final(self) -> ChatResult:
-        """Read to the end and return the whole result (raises if the stream failed)."""
-        async for _ in self:
-            pass
-        return self._core.result()
-
-    async def cancel(self) -> None:
-        """Stop generation on the server; see :meth:`ChatStream.cancel`."""
-        core = self._core
-        core.cancel_requested = True
-        if core.resumable and core.stream_id:
-            try:
-                response = await self._http.post(core.cancel_url(), headers=core.headers)
-            except httpx.HTTPError as exc:
-                raise _transport_error(exc, core.cancel_url()) from exc
-            if response.status_code in (404, 410):
-                return
-            if response.status_code >= 400:
-                raise core.http_error(response, response.content)
-            return
-        await self._close_response()
