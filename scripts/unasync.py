@@ -40,7 +40,7 @@ run ``make unasync``. ``make lint`` fails when this file is stale.
 #: (pattern, replacement), applied in order to every line after the module docstring.
 RULES: list[tuple[str, str]] = [
     (r"\bAsyncGenerator\[(\w+), None\]", r"Generator[\1, None, None]"),
-    (r"\bAsync(?=[A-Z]\w*)", ""),  # AsyncClient -> Client, AsyncIterator -> Iterator …
+    (r"(?<![A-Za-z0-9])Async(?=[A-Z])", ""),  # AsyncClient -> Client, _AsyncX -> _X …
     (r"\basync (def|with|for)\b", r"\1"),
     (r"\bawait ", ""),
     (r"\b__aenter__\b", "__enter__"),

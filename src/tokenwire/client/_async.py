@@ -40,7 +40,22 @@ from tokenwire.events import Event, JsonPartial, StreamFailed, TextDelta
 __all__ = ["AsyncChat", "AsyncChatStream", "AsyncClient", "AsyncStreams"]
 
 
-class AsyncClient(ClientConfig):
+class _AsyncClosing:
+    """``async with`` releases it: ``__aexit__`` calls ``aclose``."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncClient(ClientConfig, _AsyncClosing):
     """A tokenwire client (asynchronous). Close it (or use ``async with``) to release its
     connections."""
 
@@ -91,14 +106,6 @@ class AsyncClient(ClientConfig):
 
     async def __aenter__(self) -> AsyncClient:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class AsyncChat:
@@ -165,7 +172,7 @@ async def _post_cancel(http: httpx.AsyncClient, core: StreamCore, *, gone_ok: bo
     core.check_cancel_answer(response, gone_ok=gone_ok)
 
 
-class AsyncChatStream(StreamView):
+class AsyncChatStream(StreamView, _AsyncClosing):
     """A streaming chat response (asynchronous). Use as
     ``async with client.chat.stream(...) as stream:``."""
 
@@ -181,14 +188,6 @@ class AsyncChatStream(StreamView):
         self._entered = True
         await self._open()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Release the connection. Idempotent; the server keeps the stream for resume."""

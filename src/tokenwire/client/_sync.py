@@ -35,7 +35,22 @@ from tokenwire.events import Event, JsonPartial, StreamFailed, TextDelta
 __all__ = ["Chat", "ChatStream", "Client", "Streams"]
 
 
-class Client(ClientConfig):
+class _Closing:
+    """``with`` releases it: ``__exit__`` calls ``close``."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Client(ClientConfig, _Closing):
     """A tokenwire client (synchronous). Close it (or use ``with``) to release its
     connections."""
 
@@ -86,14 +101,6 @@ class Client(ClientConfig):
 
     def __enter__(self) -> Client:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class Chat:
@@ -156,7 +163,7 @@ def _post_cancel(http: httpx.Client, core: StreamCore, *, gone_ok: bool) -> None
     core.check_cancel_answer(response, gone_ok=gone_ok)
 
 
-class ChatStream(StreamView):
+class ChatStream(StreamView, _Closing):
     """A streaming chat response (synchronous). Use as
     ``with client.chat.stream(...) as stream:``."""
 
@@ -172,14 +179,6 @@ class ChatStream(StreamView):
         self._entered = True
         self._open()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Release the connection. Idempotent; the server keeps the stream for resume."""
