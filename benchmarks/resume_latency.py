@@ -98,6 +98,7 @@ async def append_run(journal: Journal, events: int, mode: str, pace_ms: float) -
     meta = StreamMeta(
         id=f"bench-{mode}-{time.monotonic_ns()}", model="m", protocol="native", created=0
     )
+    await journal.control.produce(meta.id)
     await journal.create(meta)
     await journal.append(meta.id, StreamStarted(id=meta.id, model="m", created=0))
     wall0, cpu0 = time.perf_counter(), time.process_time()

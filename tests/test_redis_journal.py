@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tokenwire.errors import JournalError, StreamExpired, StreamNotFound
+from tokenwire.errors import JournalError, StreamExpired, StreamHandedOver, StreamNotFound
 from tokenwire.events import Event, StreamCompleted, StreamFailed, StreamStarted, TextDelta
 from tokenwire.journal import StreamMeta, open_journal
 from tokenwire.journal.redis import RedisJournal
@@ -50,6 +50,12 @@ def new_meta() -> StreamMeta:
     return StreamMeta(id=secrets.token_urlsafe(8), model="m", protocol="native", created=0)
 
 
+async def create(journal: RedisJournal, meta: StreamMeta) -> None:
+    """What the stream manager does: become the producer, then create the log."""
+    await journal.control.produce(meta.id)
+    await journal.create(meta)
+
+
 async def collect(journal: RedisJournal, stream_id: str, after: int = -1) -> list[Event]:
     return [event async for event in journal.read(stream_id, after)]
 
@@ -66,7 +72,7 @@ async def test_numbering_and_replay_on_another_replica(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     seqs = [await a.append(meta.id, StreamStarted(id=meta.id, model="m", created=0))]
     seqs += [await a.append(meta.id, TextDelta(text=f"t{i} ")) for i in range(20)]
     seqs.append(await a.append(meta.id, StreamCompleted(finish_reason="stop")))
@@ -88,7 +94,7 @@ async def test_resume_after_the_terminal_event_returns_at_once(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     await a.append(meta.id, TextDelta(text="x"))
     await a.append(meta.id, StreamCompleted())
     started = time.monotonic()
@@ -103,7 +109,7 @@ async def test_no_gap_or_duplicate_at_the_replay_live_seam(
     """Readers join at random moments while the producer appends with random pauses."""
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     total = 400
 
     async def produce() -> None:
@@ -131,7 +137,7 @@ async def test_appends_are_group_committed(
     """A burst of appends costs far fewer Redis calls than events."""
     a, _ = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     before = _evalsha_calls(redis)
     n = 2000
     for i in range(n):
@@ -159,7 +165,7 @@ async def test_unknown_and_expired_streams(redis: RedisServer) -> None:
         with pytest.raises(StreamNotFound):
             await collect(journal, "never-was")  # type: ignore[arg-type]
         meta = new_meta()
-        await journal.create(meta)
+        await create(journal, meta)
         await journal.append(meta.id, StreamCompleted())
         assert [e.seq for e in await collect(journal, meta.id)] == [0]
         await asyncio.sleep(0.8)
@@ -181,7 +187,7 @@ async def test_finished_streams_beyond_the_bound_are_evicted_oldest_first(
     try:
         metas = [new_meta() for _ in range(4)]
         for meta in metas:
-            await journal.create(meta)
+            await create(journal, meta)
             await journal.append(meta.id, StreamCompleted())
         await asyncio.sleep(0.6)  # a sweep runs every `liveness` seconds
         for meta in metas[:2]:
@@ -198,14 +204,14 @@ async def test_cancel_reaches_the_producing_replica(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
-    requests = a.cancel_requests()
+    await create(a, meta)
+    requests = a.control.cancel_requests()
     started = time.monotonic()
-    await b.signal_cancel(meta.id, "stop")
+    await b.control.signal_cancel(meta.id, "stop")
     assert await asyncio.wait_for(anext(requests), 5) == (meta.id, "stop")
     assert time.monotonic() - started < 1.0  # pub/sub, not the polling fallback
     # Replica b produces nothing, so it is not asked.
-    assert b._cancels.empty()
+    assert b.control._cancels.empty()
 
 
 async def test_cancel_flag_is_polled_when_the_message_was_missed(
@@ -213,10 +219,10 @@ async def test_cancel_flag_is_polled_when_the_message_was_missed(
 ) -> None:
     a, _ = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     # Set the flag without publishing, as if the pub/sub message was lost.
     redis.cli("HSET", f"{a.prefix}{{{meta.id}}}:meta", "cancel", "stop")
-    assert await asyncio.wait_for(anext(a.cancel_requests()), 5) == (meta.id, "stop")
+    assert await asyncio.wait_for(anext(a.control.cancel_requests()), 5) == (meta.id, "stop")
 
 
 async def test_reader_presence_is_visible_to_other_replicas(
@@ -224,16 +230,16 @@ async def test_reader_presence_is_visible_to_other_replicas(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     await a.append(meta.id, TextDelta(text="x"))
-    assert await a.reader_seen(meta.id) is None
+    assert await a.control.reader_seen(meta.id) is None
     reader = b.read(meta.id)
     assert (await anext(reader)).seq == 0
-    seen = await a.reader_seen(meta.id)
+    seen = await a.control.reader_seen(meta.id)
     assert seen is not None and seen > time.time()  # present right now
     await reader.aclose()
     await asyncio.sleep(0.2)
-    seen = await a.reader_seen(meta.id)
+    seen = await a.control.reader_seen(meta.id)
     assert seen is not None and seen <= time.time()  # left, and when
 
 
@@ -242,12 +248,12 @@ async def test_readers_of_a_dead_producer_get_a_terminal_failure(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     for i in range(3):
         await a.append(meta.id, TextDelta(text=str(i)))
     await asyncio.sleep(0.1)
     # Fault injection: replica a stops heartbeating, as a SIGKILLed process would.
-    for task in a._background:
+    for task in a.control._background:
         task.cancel()
     started = time.monotonic()
     events = await asyncio.wait_for(collect(b, meta.id), 10)
@@ -255,7 +261,8 @@ async def test_readers_of_a_dead_producer_get_a_terminal_failure(
     assert [e.seq for e in events] == [0, 1, 2, 3]
     assert isinstance(events[-1], StreamFailed)
     assert events[-1].error["code"] == "producer_lost"
-    assert waited < 0.6 + 0.2 * 4
+    # Liveness, then seen dead twice 2 heartbeats apart (a beat lost to a Redis restart).
+    assert waited < 0.6 + 0.2 * 8
     # A second reader sees the same single terminal event.
     again = await collect(b, meta.id)
     assert [type(e) for e in again] == [type(e) for e in events]
@@ -270,7 +277,7 @@ async def test_unreachable_redis_is_a_journal_error() -> None:
     with pytest.raises(JournalError, match="Redis journal"):
         await journal.meta("x")
     with pytest.raises(JournalError):
-        await journal.create(new_meta())
+        await create(journal, new_meta())
     await journal.close()
 
 
@@ -280,7 +287,7 @@ async def test_appends_survive_a_flushed_script_cache(
     """NOSCRIPT (Redis restarted or SCRIPT FLUSH) reloads the script and retries."""
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     await a.append(meta.id, TextDelta(text="before"))
     await asyncio.sleep(0.05)
     redis.cli("SCRIPT", "FLUSH")
@@ -300,7 +307,7 @@ async def test_a_cancelled_reader_stops_whenever_the_cancel_lands(
 
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     await a.append(meta.id, TextDelta(text="x"))
 
     async def produce() -> None:
@@ -332,7 +339,7 @@ async def test_a_reader_survives_its_connection_being_dropped(
     where it was, no gap, no duplicate."""
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     seen: list[int] = []
 
     async def read_all() -> None:
@@ -363,7 +370,7 @@ async def test_snapshot_and_delete_from_another_replica(
 ) -> None:
     a, b = pair
     meta = new_meta()
-    await a.create(meta)
+    await create(a, meta)
     await a.append(meta.id, StreamStarted(id=meta.id, model="m", created=0))
     await a.append(meta.id, TextDelta(text="x"))
     await a._stored(a._producing[meta.id], 1)  # flushed (appends are group-committed)
@@ -375,3 +382,135 @@ async def test_snapshot_and_delete_from_another_replica(
         await a.snapshot(meta.id)
     with pytest.raises(StreamNotFound):
         await a.meta(meta.id)
+
+
+# -- ownership: claim, release, fencing (the control plane's API for takeover) ----------------
+
+
+async def _stop_heartbeat(journal: RedisJournal, redis: RedisServer) -> None:
+    """Fault injection: the replica stops beating and its lease is gone, as after SIGKILL."""
+    for task in journal.control._background:
+        task.cancel()
+    redis.cli("DEL", journal.client.node_key(journal.client.node))
+
+
+async def test_claim_is_atomic_and_fences_the_old_producer(redis: RedisServer) -> None:
+    prefix = f"t{secrets.token_hex(3)}:"
+    options = {"prefix": prefix, "heartbeat": 0.2, "liveness": 0.6, "ttl": 60.0}
+    replicas = [RedisJournal(redis.url, **options) for _ in range(4)]  # type: ignore[arg-type]
+    a, *others = replicas
+    try:
+        meta = new_meta()
+        await create(a, meta)
+        for i in range(3):
+            await a.append(meta.id, TextDelta(text=str(i)))
+        await asyncio.sleep(0.05)
+        # Alive: nobody may take it.
+        assert [await r.control.claim(meta.id) for r in others] == [None] * 3
+        await _stop_heartbeat(a, redis)
+        claims = await asyncio.gather(*(r.control.claim(meta.id) for r in others))
+        won = [(r, c) for r, c in zip(others, claims, strict=True) if c is not None]
+        assert len(won) == 1, claims
+        winner, claim = won[0]
+        assert claim.next_seq == 3 and claim.previous == a.client.node
+        # The presumed-dead producer wakes up: its appends are refused, typed.
+        with pytest.raises(StreamHandedOver):
+            await a.append(meta.id, TextDelta(text="zombie"))
+            await a.append(meta.id, StreamCompleted())
+        # The winner continues the same log: seqs go on, nothing in between.
+        winner.resume_producing(meta.id, claim.next_seq, meta)
+        assert await winner.append(meta.id, TextDelta(text="3")) == 3
+        assert await winner.append(meta.id, StreamCompleted()) == 4
+        events = await collect(others[0], meta.id)
+        assert [e.seq for e in events] == [0, 1, 2, 3, 4]
+        assert [getattr(e, "text", None) for e in events] == ["0", "1", "2", "3", None]
+        # Ended: no one claims it any more.
+        assert await others[0].control.claim(meta.id) is None
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_a_released_stream_is_claimed_at_once(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    a, b = pair
+    meta = new_meta()
+    await create(a, meta)
+    await a.append(meta.id, TextDelta(text="x"))
+    await asyncio.sleep(0.05)
+    assert await b.control.claim(meta.id) is None  # a is alive and holds it
+    await a.control.release(meta.id)
+    claim = await b.control.claim(meta.id)
+    assert claim is not None and claim.next_seq == 1
+
+
+# -- Redis losing what it acknowledged (restart empty, failover before replication) ----------
+
+
+async def test_a_stream_redis_lost_is_appended_again(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """As after a restart without persistence: the stream's keys are gone mid-stream. The
+    producer re-creates it from what it kept and appends everything again."""
+    a, b = pair
+    meta = new_meta()
+    await create(a, meta)
+    for i in range(5):
+        await a.append(meta.id, TextDelta(text=str(i)))
+    await asyncio.sleep(0.05)
+    keys = a.client.keys(meta.id)
+    redis.cli("DEL", keys.events, keys.meta)
+    for i in range(5, 8):
+        await a.append(meta.id, TextDelta(text=str(i)))
+    await a.append(meta.id, StreamCompleted())
+    events = await asyncio.wait_for(collect(b, meta.id), 10)
+    assert [e.seq for e in events] == list(range(9))
+    assert [getattr(e, "text", None) for e in events] == [*map(str, range(8)), None]
+    assert (await b.meta(meta.id)).to_dict() == meta.to_dict()
+
+
+async def test_a_lost_tail_is_appended_again_without_duplicates(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """As after a failover to a replica that had not received the last entries: Redis holds
+    a prefix. The producer's next append notices the gap and re-appends from there."""
+    a, b = pair
+    meta = new_meta()
+    await create(a, meta)
+    for i in range(6):
+        await a.append(meta.id, TextDelta(text=str(i)))
+    await asyncio.sleep(0.05)
+    keys = a.client.keys(meta.id)
+    kept = redis.cli("--no-raw", "XRANGE", keys.events, "-", "0-3")
+    assert kept.count("0-") == 3
+    redis.cli("DEL", keys.events)
+    for n in range(1, 4):
+        redis.cli("XADD", keys.events, f"0-{n}", "e", f'{{"type":"text.delta","text":"{n - 1}"}}')
+    await a.append(meta.id, TextDelta(text="6"))
+    await a.append(meta.id, StreamCompleted())
+    events = await asyncio.wait_for(collect(b, meta.id), 10)
+    assert [e.seq for e in events] == list(range(8))
+    assert [getattr(e, "text", None) for e in events] == [*map(str, range(7)), None]
+
+
+async def test_finished_streams_are_verified_after_redis_trouble(
+    pair: tuple[RedisJournal, RedisJournal], redis: RedisServer
+) -> None:
+    """A failover can lose a stream whose terminal event Redis had acknowledged; the
+    producer keeps finished streams for ``outage`` seconds and appends them again once
+    Redis answers after trouble."""
+    a, b = pair
+    meta = new_meta()
+    await create(a, meta)
+    await a.append(meta.id, TextDelta(text="kept"))
+    await a.append(meta.id, StreamCompleted())
+    keys = a.client.keys(meta.id)
+    redis.cli("DEL", keys.events, keys.meta, keys.gone)
+    a.verify_after_trouble()  # what the heartbeat or the flusher call after an outage
+    await asyncio.sleep(0.3)
+    events = await asyncio.wait_for(collect(b, meta.id), 10)
+    assert [(e.seq, type(e).__name__) for e in events] == [
+        (0, "TextDelta"),
+        (1, "StreamCompleted"),
+    ]

@@ -36,6 +36,9 @@ class Settings:
     send_timeout: float = 30.0
     disconnect_grace: float = 30.0
     journal: str = "memory"
+    #: Seconds producers keep events and readers retry while Redis is unreachable (or lost a
+    #: stream) before the stream fails ``journal_unavailable``.
+    journal_outage: float = 30.0
     #: Seconds a finished stream stays resumable.
     stream_ttl: float = 600.0
     max_finished_streams: int = 10_000

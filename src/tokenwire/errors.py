@@ -24,6 +24,7 @@ error events exactly once.
     ├── StreamTooLarge               413  the stream outgrew its journal size limit
                                      (mid-stream: stream.failed; what was journaled stays)
     └── JournalError                 the journal (memory, Redis) failed
+        └── StreamHandedOver         another replica produces the stream now (takeover)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "PayloadTooLarge",
     "RequestError",
     "StreamExpired",
+    "StreamHandedOver",
     "StreamInterrupted",
     "StreamNotFound",
     "StreamTooLarge",
@@ -206,3 +208,12 @@ def error_from_dict(error: dict[str, object]) -> TokenwireError:
         exc.path = str(error.get("path") or "$")
         exc.param = exc.path  # OpenAI's error shape names the JSON path as the param
     return exc
+
+
+class StreamHandedOver(JournalError):
+    """The store refused an append: another replica claimed the stream (it presumed this
+    producer lost, or this one released it). The producer stops without a terminal event:
+    the stream goes on, produced elsewhere."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="handed_over")

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from tokenwire.backends.base import Backend
 from tokenwire.cancel import CancelToken
-from tokenwire.errors import RequestError, StreamTooLarge, TokenwireError
+from tokenwire.errors import RequestError, StreamHandedOver, StreamTooLarge, TokenwireError
 from tokenwire.events import (
     Event,
     StreamCancelled,
@@ -42,6 +42,7 @@ from tokenwire.events import (
     StreamStarted,
 )
 from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
+from tokenwire.journal.control import ControlPlane
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 
@@ -137,6 +138,7 @@ class _Producing:
     owner: str | None = None
     #: Generates to its end with no reader: the disconnect policy does not apply.
     background: bool = False
+    handed_over: bool = False
 
 
 class StreamManager:
@@ -152,6 +154,8 @@ class StreamManager:
     ) -> None:
         self.router = router
         self.journal = journal
+        #: Stop, readers and liveness across replicas; a no-op where nothing is shared.
+        self.control: ControlPlane = journal.control
         self.stages = list(stages or [])
         self.max_stream_bytes = max_stream_bytes  # 0: no limit
         self.disconnect_grace = disconnect_grace
@@ -163,8 +167,9 @@ class StreamManager:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start_background(self) -> None:
+        await self.control.start()
         await self.journal.start()
-        requests = self.journal.cancel_requests()
+        requests = self.control.cancel_requests()
         if requests is not None:
             self._cancel_listener = asyncio.create_task(self._listen_for_cancels(requests))
 
@@ -178,7 +183,8 @@ class StreamManager:
             self._cancel_listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._cancel_listener
-        await self.journal.close()
+        await self.journal.close()  # flushes queued appends
+        await self.control.close()
 
     @property
     def active_streams(self) -> int:
@@ -280,6 +286,7 @@ class StreamManager:
                 if not accepted.done():
                     accepted.set_exception(exc)
                 raise
+            await self.control.produce(meta.id)
             await self.journal.create(meta)
             await self.journal.append(
                 meta.id, StreamStarted(id=meta.id, model=meta.model, created=meta.created)
@@ -288,6 +295,11 @@ class StreamManager:
             terminal = await self._pump(meta.id, first, events, cancel)
         except asyncio.CancelledError:
             terminal = StreamCancelled(reason=cancel.reason or "shutdown")
+        except StreamHandedOver:
+            # Another replica produces the stream now and will end it: write nothing more.
+            log.warning("stream %s was taken over by another replica", meta.id)
+            cancel.cancel("handed_over")
+            producing.handed_over = True
         except TokenwireError as exc:
             terminal = StreamFailed(error=exc.to_dict())
         except Exception as exc:
@@ -298,27 +310,40 @@ class StreamManager:
         finally:
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
-            if accepted.done() and terminal is None and cancel.is_cancelled():
-                terminal = StreamCancelled(reason=cancel.reason or "stop")
-            if accepted.done() and not accepted.exception():
-                if terminal is None:
-                    terminal = StreamFailed(
-                        error={
-                            "type": "backend_error",
-                            "message": "the backend ended the stream without finishing it",
-                            "code": None,
-                        }
-                    )
-                try:
-                    await self.journal.append(meta.id, terminal)
-                except Exception:
-                    log.exception("could not journal the terminal event of %s", meta.id)
-            producing.done = True
-            if self.observer is not None:
-                self.observer.stream_ended(meta.id, terminal)
-            if producing.grace_timer is not None:
-                producing.grace_timer.cancel()
-            self._producing.pop(meta.id, None)
+            await self._finish(meta.id, producing, accepted, terminal)
+
+    async def _finish(
+        self,
+        stream_id: str,
+        producing: _Producing,
+        accepted: asyncio.Future[None],
+        terminal: Event | None,
+    ) -> None:
+        """Journal the terminal event (exactly one, unless another replica took the stream
+        over) and forget the stream."""
+        cancel = producing.cancel
+        if accepted.done() and terminal is None and cancel.is_cancelled():
+            terminal = StreamCancelled(reason=cancel.reason or "stop")
+        if accepted.done() and not accepted.exception() and not producing.handed_over:
+            if terminal is None:
+                terminal = StreamFailed(
+                    error={
+                        "type": "backend_error",
+                        "message": "the backend ended the stream without finishing it",
+                        "code": None,
+                    }
+                )
+            try:
+                await self.journal.append(stream_id, terminal)
+            except Exception:
+                log.exception("could not journal the terminal event of %s", stream_id)
+        producing.done = True
+        self.control.stopped_producing(stream_id)
+        if self.observer is not None:
+            self.observer.stream_ended(stream_id, terminal)
+        if producing.grace_timer is not None:
+            producing.grace_timer.cancel()
+        self._producing.pop(stream_id, None)
 
     async def _pump(
         self, stream_id: str, first: Event | None, events: AsyncIterator[Event], cancel: CancelToken
@@ -405,7 +430,7 @@ class StreamManager:
                 self._reader_left(stream_id, producing)
 
     def _reader_left(self, stream_id: str, producing: _Producing) -> None:
-        if self.disconnect_grace <= 0 and not self.journal.shared:
+        if self.disconnect_grace <= 0 and not self.control.shared:
             self._cancel_local(stream_id, "disconnect")
             return
         loop = asyncio.get_running_loop()
@@ -417,19 +442,19 @@ class StreamManager:
         producing.grace_timer = None
         if producing.readers > 0 or producing.done:
             return
-        if not self.journal.shared:
+        if not self.control.shared:
             self._cancel_local(stream_id, "disconnect")
             return
-        # Readers may have resumed on another replica: ask the shared journal first.
+        # Readers may have resumed on another replica: ask the control plane first.
         task = asyncio.create_task(self._check_remote_readers(stream_id, producing))
         self._grace_checks.add(task)
         task.add_done_callback(self._grace_checks.discard)
 
     async def _check_remote_readers(self, stream_id: str, producing: _Producing) -> None:
         try:
-            seen = await self.journal.reader_seen(stream_id)
+            seen: float | None = await self.control.reader_seen(stream_id)
         except TokenwireError:
-            seen = None
+            seen = time.time() + 1.0  # the store is unreachable: no news is no verdict
         if producing.readers > 0 or producing.done or producing.grace_timer is not None:
             return
         left_for = time.time() - seen if seen is not None else math.inf
@@ -449,7 +474,7 @@ class StreamManager:
         if self._cancel_local(stream_id, reason):
             return
         await self.journal.meta(stream_id)  # raises StreamNotFound / StreamExpired
-        await self.journal.signal_cancel(stream_id, reason)
+        await self.control.signal_cancel(stream_id, reason)
 
     def _cancel_local(self, stream_id: str, reason: str) -> bool:
         producing = self._producing.get(stream_id)

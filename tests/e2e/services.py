@@ -19,7 +19,17 @@ from pathlib import Path
 
 from ..conftest import free_port
 
-__all__ = ["Nginx", "RedisServer", "nginx", "redis_server", "require"]
+__all__ = [
+    "Nginx",
+    "RedisProcess",
+    "Sentinel",
+    "RedisServer",
+    "nginx",
+    "redis_process",
+    "redis_sentinel",
+    "redis_server",
+    "require",
+]
 
 NGINX = "/usr/sbin/nginx"
 
@@ -106,6 +116,149 @@ def redis_server() -> Iterator[RedisServer]:
     finally:
         _stop(process)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class RedisProcess:
+    """A redis-server the test kills and restarts on the same port: ``durable`` keeps its
+    data across a SIGKILL (AOF, ``appendfsync always``), otherwise it restarts empty.
+    ``replica_of`` makes it a replica (Sentinel tests)."""
+
+    port: int
+    directory: Path
+    durable: bool = False
+    replica_of: int | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *, empty: bool = False) -> None:
+        if empty:
+            for leftover in self.directory.glob("appendonly*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+                leftover.unlink(missing_ok=True)
+        options = {"port": self.port, "bind": "127.0.0.1", "save": "",
+                   "appendonly": "yes" if self.durable else "no", "appendfsync": "always",
+                   "dir": self.directory, "daemonize": "no"}  # fmt: skip
+        command = [require("redis-server")]
+        for name, value in options.items():
+            command += [f"--{name}", str(value)]
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        self.process = subprocess.Popen(
+            command,
+            stdout=(self.directory / f"redis-{self.port}.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for_port(self.port, self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no save."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(10)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [require("redis-cli"), "-p", str(self.port), *args],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+        return out.stdout.decode().strip()
+
+
+@contextmanager
+def redis_process(
+    *, durable: bool = False, replica_of: int | None = None
+) -> Iterator[RedisProcess]:
+    directory = Path(tempfile.mkdtemp(prefix="tw-redis-"))
+    redis = RedisProcess(free_port(), directory, durable=durable, replica_of=replica_of)
+    redis.start()
+    try:
+        yield redis
+    finally:
+        if redis.process is not None:
+            _stop(redis.process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_SENTINEL_CONF = """\
+port {port}
+bind 127.0.0.1
+daemonize no
+dir {dir}
+sentinel monitor {master} 127.0.0.1 {master_port} 1
+sentinel down-after-milliseconds {master} 1000
+sentinel failover-timeout {master} 4000
+sentinel parallel-syncs {master} 1
+"""
+
+
+@dataclass
+class Sentinel:
+    """A master, a replica and one redis-sentinel watching them (quorum 1, down after 1 s)."""
+
+    master: RedisProcess
+    replica: RedisProcess
+    port: int
+    process: subprocess.Popen[bytes]
+    name: str = "twmaster"
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.name}/0"
+
+    def master_port(self) -> int:
+        out = subprocess.run(
+            [require("redis-cli"), "-p", str(self.port), "SENTINEL", "get-master-addr-by-name",
+             self.name], check=True, capture_output=True, timeout=10,
+        )  # fmt: skip
+        return int(out.stdout.decode().split()[1])
+
+    def wait_for_failover(self, away_from: int, timeout: float = 30.0) -> int:
+        """The new master's port, once the sentinel has promoted one other than ``away_from``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.master_port()
+            if port != away_from:
+                return port
+            time.sleep(0.1)
+        raise TimeoutError("the sentinel did not fail over")
+
+
+@contextmanager
+def redis_sentinel() -> Iterator[Sentinel]:
+    with redis_process() as master, redis_process(replica_of=master.port) as replica:
+        directory = Path(tempfile.mkdtemp(prefix="tw-sentinel-"))
+        port = free_port()
+        conf = directory / "sentinel.conf"
+        conf.write_text(
+            _SENTINEL_CONF.format(
+                port=port, dir=directory, master="twmaster", master_port=master.port
+            )
+        )
+        process = subprocess.Popen(
+            [require("redis-sentinel"), str(conf)],
+            stdout=(directory / "sentinel.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_port(port, process)
+            sentinel = Sentinel(master, replica, port, process)
+            deadline = time.monotonic() + 15
+            while "slaves=1" not in subprocess.run(
+                [require("redis-cli"), "-p", str(port), "INFO", "sentinel"],
+                capture_output=True, timeout=10,
+            ).stdout.decode():  # fmt: skip
+                assert time.monotonic() < deadline, "the sentinel never saw the replica"
+                time.sleep(0.1)
+            yield sentinel
+        finally:
+            _stop(process)
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass

@@ -34,7 +34,15 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--upstream", action="append", help="NAME=URL of an upstream server (repeatable)"
     )
-    parser.add_argument("--journal", help="memory (default) or redis://HOST:PORT/DB")
+    parser.add_argument(
+        "--journal",
+        help="memory (default), redis://HOST:PORT/DB or redis+sentinel://HOST:PORT[,…]/MASTER/DB",
+    )
+    parser.add_argument(
+        "--journal-outage",
+        type=float,
+        help="seconds streams ride out an unreachable Redis before they fail (30)",
+    )
     parser.add_argument("--heartbeat", type=float, help="seconds between heartbeats (15)")
     parser.add_argument("--send-timeout", type=float, help="seconds a send may block (30)")
     parser.add_argument(

@@ -1,4 +1,6 @@
-"""The Journal interface: append numbered events, read them back and follow live.
+"""The Journal interface — the event log: append numbered events, read them back and follow
+live. What replicas tell each other beside the log (Stop, readers, liveness, ownership) is
+the control plane (``journal/control.py``); each journal carries the one that goes with it.
 
 A journal promises, per stream:
 - ``append`` numbers events 0, 1, 2 … in the order it is called (one producer per stream);
@@ -19,6 +21,7 @@ from typing import Any
 import orjson
 
 from tokenwire.events import Event, TextDelta
+from tokenwire.journal.control import ControlPlane, LocalControlPlane
 
 __all__ = ["Deliver", "Journal", "StreamMeta", "event_size"]
 
@@ -66,11 +69,12 @@ class StreamMeta:
 
 
 class Journal(abc.ABC):
-    """One method per job; ``MemoryJournal`` is the reference implementation."""
+    """The event log: create, append, read, metadata. ``MemoryJournal`` is the reference
+    implementation."""
 
-    #: True when other processes read and produce through the same journal (Redis): then a
-    #: stream may have readers this process cannot count (see ``reader_seen``).
-    shared: bool = False
+    #: The control plane over the same store: ``LocalControlPlane`` (does nothing) for
+    #: in-process journals; a shared store supplies its own (``journal/redis/control.py``).
+    control: ControlPlane = LocalControlPlane()
     #: True when ``append_nowait`` stores events (in-process journals): then a backend may
     #: journal events from its network callback (``StreamManager``).
     appends_nowait: bool = False
@@ -120,22 +124,8 @@ class Journal(abc.ABC):
         ``StreamNotFound``. Cancel a stream still generating and wait for its end first."""
         raise NotImplementedError
 
-    async def signal_cancel(self, stream_id: str, reason: str) -> None:  # noqa: B027
-        """Ask whichever process produces ``stream_id`` to cancel it (cross-replica)."""
-
-    async def reader_seen(self, stream_id: str) -> float | None:
-        """Wall-clock time until which a reader of ``stream_id`` is known connected, in any
-        process (in the future while one holds a presence lease), or None if the journal
-        does not track readers."""
-        return None
-
-    def cancel_requests(self) -> AsyncIterator[tuple[str, str]] | None:
-        """Cancel signals addressed to streams this process may produce, or None if the
-        journal is process-local (the stream manager then cancels directly)."""
-        return None
-
     async def start(self) -> None:  # noqa: B027
-        """Connect and start background work (retention sweeps, liveness)."""
+        """Connect and start background work (retention sweeps)."""
 
     async def close(self) -> None:  # noqa: B027
         """Flush and release resources."""

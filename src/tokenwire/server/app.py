@@ -374,7 +374,11 @@ def create_app(
         ttl=settings.stream_ttl,
         max_finished=settings.max_finished_streams,
         # Redis bounds its memory with its own maxmemory policy and the stream TTL.
-        **({"max_bytes": settings.journal_max_bytes} if settings.journal == "memory" else {}),
+        **(
+            {"max_bytes": settings.journal_max_bytes}
+            if settings.journal == "memory"
+            else {"outage": settings.journal_outage}
+        ),
     )
     metrics = Metrics()
     stages: list[Stage] = []
