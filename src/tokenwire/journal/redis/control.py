@@ -251,11 +251,14 @@ class RedisControlPlane(ControlPlane):
 
     # -- heartbeat, sweep ----------------------------------------------------------------
 
-    async def _beat(self) -> None:
+    async def _beat(self) -> bool:
+        """Renew this node's liveness key; False if it was missing (Redis lost it — it
+        restarted empty or failed over — or this process stalled past ``liveness``)."""
         with translated("heartbeat"):
-            await self.client.redis.set(
-                self.client.node_key(self.node), b"1", px=int(self.liveness * 1000)
+            previous = await self.client.redis.set(
+                self.client.node_key(self.node), b"1", px=int(self.liveness * 1000), get=True
             )
+        return previous is not None
 
     async def _heartbeat_loop(self) -> None:
         last_sweep = 0.0
@@ -263,9 +266,12 @@ class RedisControlPlane(ControlPlane):
         while not self._closing.is_set():
             await asyncio.sleep(self.heartbeat)
             try:
-                await self._beat()
-                if self._trouble_at > last_beat_ok:
-                    self.on_recovered()  # Redis is back: the log checks what it lost
+                intact = await self._beat()
+                if not intact or self._trouble_at > last_beat_ok:
+                    # Redis is back, or answered without our key (it lost data while
+                    # redis-py's own retries hid the outage): the log checks what it lost.
+                    self._trouble_at = time.monotonic()
+                    self.on_recovered()
                 last_beat_ok = time.monotonic()
                 await self._poll_cancel_flags()
                 if time.monotonic() - last_sweep >= self.liveness:
