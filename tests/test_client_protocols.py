@@ -338,8 +338,8 @@ def test_openai_tool_call_chunks(peer: RecordingPeer) -> None:
         ToolCallStarted,
         ToolCallDelta,
         ToolCallDelta,
-        Usage,
         ToolCallCompleted,
+        Usage,
         StreamCompleted,
     ]
     result = stream.final()

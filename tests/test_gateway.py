@@ -23,9 +23,9 @@ from tests.gateway_support import (
     post_stream,
     wait_for,
 )
-from tokenwire.backends._upstream import SSEParser
-from tokenwire.backends.anthropic import AnthropicDecoder
-from tokenwire.backends.openai import OpenAIDecoder
+from tokenwire.codecs.anthropic import MessagesDecoder
+from tokenwire.codecs.openai import ChatDecoder
+from tokenwire.codecs.sse import SSEDecoder
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import StreamCompleted, TextDelta, ToolCallCompleted, ToolCallStarted, Usage
 
@@ -131,17 +131,21 @@ def test_sse_parser_gives_the_same_messages_however_the_bytes_are_split() -> Non
         b': comment\r\n\r\nevent: message_start\r\ndata: {"a": 1}\r\n\r\n'
         b"data: line one\ndata: line two\n\ndata:[DONE]\r\r"
     )
-    expected = [("message_start", b'{"a": 1}'), ("", b"line one\nline two"), ("", b"[DONE]")]
+    expected = [
+        ("message_start", b'{"a": 1}', ""),
+        ("", b"line one\nline two", ""),
+        ("", b"[DONE]", ""),
+    ]
     for size in range(1, len(raw) + 1):
-        parser = SSEParser()
+        parser = SSEDecoder()
         got = []
         for start in range(0, len(raw), size):
-            got += parser.feed(raw[start : start + size])
+            got += parser.feed_raw(raw[start : start + size])
         assert got == expected, size
 
 
 def test_openai_decoder_normalizes_text_tool_calls_usage_and_errors() -> None:
-    decoder = OpenAIDecoder()
+    decoder = ChatDecoder()
     events = decoder.decode("", b'{"choices":[{"delta":{"role":"assistant","content":"Hi"}}]}')
     assert events == [TextDelta(text="Hi")]
     call = b'{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":"{\\"x"}}]}}]}'  # noqa: E501
@@ -159,17 +163,17 @@ def test_openai_decoder_normalizes_text_tool_calls_usage_and_errors() -> None:
     assert isinstance(end[0], Usage) and end[0].completion_tokens == 2
     assert end[-1] == StreamCompleted(finish_reason="tool_calls") and decoder.done
     with pytest.raises(BackendProtocolError):
-        OpenAIDecoder().decode("", b"{not json")
+        ChatDecoder().decode("", b"{not json")
     with pytest.raises(BackendProtocolError):
-        OpenAIDecoder().decode("", b'{"choices":[{"delta":"nope"}]}')
+        ChatDecoder().decode("", b'{"choices":[{"delta":"nope"}]}')
     with pytest.raises(BackendUnavailable):
-        OpenAIDecoder().decode("", b'{"error":{"message":"boom"}}')
+        ChatDecoder().decode("", b'{"error":{"message":"boom"}}')
     with pytest.raises(BackendUnavailable):  # the body ended mid-answer
-        OpenAIDecoder().finish()
+        ChatDecoder().finish()
 
 
 def test_anthropic_decoder_normalizes_blocks_tool_use_usage_and_errors() -> None:
-    decoder = AnthropicDecoder()
+    decoder = MessagesDecoder()
     stream = [
         {"type": "message_start", "message": {"usage": {"input_tokens": 11, "output_tokens": 1}}},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
@@ -216,11 +220,11 @@ def test_anthropic_decoder_normalizes_blocks_tool_use_usage_and_errors() -> None
     assert events[6] == StreamCompleted(finish_reason="tool_calls") and decoder.done
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
     with pytest.raises(BackendUnavailable, match="overloaded_error"):
-        AnthropicDecoder().decode("error", orjson.dumps(error))
+        MessagesDecoder().decode("error", orjson.dumps(error))
     with pytest.raises(BackendProtocolError):
-        AnthropicDecoder().decode("content_block_delta", b'{"type": "content_block_delta"}')
+        MessagesDecoder().decode("content_block_delta", b'{"type": "content_block_delta"}')
     with pytest.raises(BackendUnavailable):
-        AnthropicDecoder().finish()
+        MessagesDecoder().finish()
 
 
 # -- routing ---------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from tokenwire.backends._transport import UpstreamTransport, direct_body
-from tokenwire.backends._upstream import SSEParser
-from tokenwire.backends.openai import OpenAIDecoder
+from tokenwire.codecs.openai import ChatDecoder
+from tokenwire.codecs.sse import SSEDecoder
 from tokenwire.errors import BackendProtocolError
 from tokenwire.server.metrics import LoopHistogram
 
@@ -116,12 +116,12 @@ def sse_handler(writes: list[bytes], pause: float = 0.0) -> Handler:
 
 
 async def messages(client: httpx.AsyncClient, url: str) -> list[tuple[str, bytes]]:
-    parser = SSEParser()
+    parser = SSEDecoder()
     got: list[tuple[str, bytes]] = []
     async with client.stream("POST", url, content=b"{}") as response:
         assert response.status_code == 200
         async for raw in response.aiter_raw():
-            got += parser.feed(raw)
+            got += parser.feed_raw(raw)
     return got
 
 
@@ -136,8 +136,8 @@ BODY = (
 
 
 async def test_same_messages_as_httpx_default_transport_at_every_split() -> None:
-    expected = SSEParser().feed(BODY)
-    assert [name for name, _ in expected] == ["", "note", "", "", ""]
+    expected = SSEDecoder().feed_raw(BODY)
+    assert [name for name, _, _ in expected] == ["", "note", "", "", ""]
     for cut in range(1, len(BODY)):
         # One HTTP chunk cut at ``cut``, and the chunk header written apart from its data
         # (a TCP read may end anywhere in the framing, too).
@@ -156,12 +156,12 @@ async def test_byte_by_byte_chunks_and_the_decoders_errors_survive_the_fast_path
     writes = chunked(BODY, list(range(1, len(BODY))))  # one HTTP chunk per byte
     async with upstream(sse_handler(writes)) as up, fast_client() as client:
         got = await messages(client, f"http://127.0.0.1:{up.port}/")
-    assert got == SSEParser().feed(BODY)
-    decoder = OpenAIDecoder()
-    texts = [e.text for _, data in (got[0], got[2]) for e in decoder.decode("", data)]  # type: ignore[attr-defined]
+    assert got == SSEDecoder().feed_raw(BODY)
+    decoder = ChatDecoder()
+    texts = [e.text for _, data, _ in (got[0], got[2]) for e in decoder.decode("", data)]  # type: ignore[attr-defined]
     assert texts == ["Hi", " there"]
     with pytest.raises(BackendProtocolError):
-        decoder.decode(*got[3])  # the malformed chunk: a typed error, as before
+        decoder.decode(*got[3][:2])  # the malformed chunk: a typed error, as before
 
 
 def relay_client() -> httpx.AsyncClient:
@@ -173,23 +173,23 @@ def relay_client() -> httpx.AsyncClient:
 
 async def direct_messages(client: httpx.AsyncClient, url: str) -> list[tuple[str, bytes]]:
     """As ``UpstreamCall`` reads: the first piece by iterating, the rest directly."""
-    parser = SSEParser()
+    parser = SSEDecoder()
     async with client.stream("POST", url, content=b"{}") as response:
         chunks = response.aiter_raw()
-        got = parser.feed(await anext(chunks))
+        got = parser.feed_raw(await anext(chunks))
         body = direct_body(response)
         assert body is not None
         while (raw := body.take()) != b"":
             if raw is None:
                 await body.waiter()
             else:
-                got += parser.feed(raw)
+                got += parser.feed_raw(raw)
         await chunks.aclose()  # type: ignore[attr-defined]
     return got
 
 
 async def test_direct_body_reads_give_the_same_messages_and_release_the_connection() -> None:
-    expected = SSEParser().feed(BODY)
+    expected = SSEDecoder().feed_raw(BODY)
     for cut in range(1, len(BODY), 7):
         frames = chunked(BODY, [cut])
         writes = [frames[0][:3], frames[0][3:], *frames[1:]]
@@ -335,7 +335,7 @@ async def test_refused_cut_short_and_close_delimited_bodies() -> None:
         writer.close()
 
     async with upstream(until_close) as up, fast_client() as client:
-        assert await messages(client, f"http://127.0.0.1:{up.port}/") == [("", b"a")]
+        assert await messages(client, f"http://127.0.0.1:{up.port}/") == [("", b"a", "")]
 
 
 @pytest.fixture
@@ -361,8 +361,8 @@ async def test_tls_upstream(tls_cert: tuple[Path, Path]) -> None:
         trusted = ssl.create_default_context(cafile=str(cert))
         transport = UpstreamTransport(limits=LIMITS, ssl_context=trusted)
         async with httpx.AsyncClient(transport=transport) as client:
-            assert await messages(client, url) == SSEParser().feed(BODY)
-            assert await messages(client, url) == SSEParser().feed(BODY)
+            assert await messages(client, url) == SSEDecoder().feed_raw(BODY)
+            assert await messages(client, url) == SSEDecoder().feed_raw(BODY)
         assert up.connections == 1
         async with fast_client() as client:
             with pytest.raises(httpx.ConnectError):  # not trusted by the default CAs

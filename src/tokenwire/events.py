@@ -32,6 +32,7 @@ __all__ = [
     "ToolResult",
     "Usage",
     "aclose",
+    "event_class",
     "event_from_dict",
 ]
 
@@ -201,6 +202,11 @@ _EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 TERMINAL_TYPES = frozenset(name for name, cls in _EVENT_TYPES.items() if cls.terminal)
+
+
+def event_class(type_name: str) -> type[Event] | None:
+    """The event class named ``type_name`` (None: a type this version does not know)."""
+    return _EVENT_TYPES.get(type_name)
 
 
 def event_from_dict(data: dict[str, Any]) -> Event:

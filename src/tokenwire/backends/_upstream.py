@@ -1,10 +1,10 @@
-"""What every upstream backend shares: config, pooled httpx client, incremental SSE, timeouts.
+"""What every upstream backend shares: config, pooled httpx client, decoding, timeouts.
 
 An upstream backend (``openai.py``, ``anthropic.py``) only says how to build the request body
-and how to turn the upstream's SSE messages into events (a ``ChunkDecoder``). This module
+and how to turn the upstream's SSE messages into events (a ``WireDecoder``). This module
 runs one attempt against one upstream (``UpstreamCall``) and promises:
 
-- the upstream's bytes are parsed incrementally (``SSEParser``): each byte is scanned once,
+- the upstream's bytes are parsed incrementally (``SSEDecoder``): each byte is scanned once,
   and the events of a network read are handed on the moment the read returns; the body is
   read through ``UpstreamTransport`` (``_transport.py``: httpx over pooled asyncio
   connections, de-chunked by llhttp), which hands over all bytes received in one piece;
@@ -45,6 +45,7 @@ import orjson
 from tokenwire.backends._transport import UpstreamTransport, direct_body
 from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.cancel import CancelToken
+from tokenwire.codecs import SSEDecoder, WireDecoder
 from tokenwire.errors import (
     BackendError,
     BackendProtocolError,
@@ -64,8 +65,6 @@ from tokenwire.events import (
 from tokenwire.requests import ChatRequest
 
 __all__ = [
-    "ChunkDecoder",
-    "SSEParser",
     "UpstreamBackend",
     "UpstreamCall",
     "UpstreamConfig",
@@ -123,89 +122,6 @@ class UpstreamConfig:
     def api_key(self) -> str | None:
         env = self.api_key_env or f"{self.name.upper().replace('-', '_')}_API_KEY"
         return os.environ.get(env) or None
-
-
-# -- incremental SSE -----------------------------------------------------------------------
-
-
-class SSEParser:
-    """Server-Sent Events, parsed as bytes arrive; each byte is scanned once.
-
-    Only the incomplete last line of a read is kept (as pieces, joined once when its
-    newline arrives), so a long event split over many reads costs no rescans. Handles LF,
-    CRLF and CR line ends, comments, ``event:`` and multi-line ``data:``.
-    """
-
-    __slots__ = ("_data", "_event", "_pending", "_skip_lf")
-
-    def __init__(self) -> None:
-        self._pending: list[bytes] = []
-        self._data: list[bytes] = []
-        self._event = b""
-        self._skip_lf = False  # the previous read ended in CR: a leading LF belongs to it
-
-    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        """Complete messages in ``chunk``: ``(event name, data)`` pairs."""
-        if self._skip_lf and chunk[:1] == b"\n":
-            chunk = chunk[1:]
-        self._skip_lf = False
-        if b"\r" in chunk:
-            self._skip_lf = chunk.endswith(b"\r")
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = chunk.split(b"\n")
-        if len(lines) == 1:
-            if chunk:
-                self._pending.append(chunk)
-            return []
-        if self._pending:
-            self._pending.append(lines[0])
-            lines[0] = b"".join(self._pending)
-            self._pending = []
-        tail = lines.pop()
-        if tail:
-            self._pending.append(tail)
-        out: list[tuple[str, bytes]] = []
-        data = self._data
-        for line in lines:
-            if not line:
-                if data:
-                    out.append((self._event.decode(), b"\n".join(data)))
-                    data.clear()
-                self._event = b""
-            elif line.startswith(b"data:"):
-                data.append(line[6:] if line[5:6] == b" " else line[5:])
-            elif line.startswith(b"event:"):
-                self._event = line[6:].strip()
-            # comments (":"), id: and retry: carry nothing an upstream relay needs
-        return out
-
-    def pending(self) -> bool:
-        """True if bytes of an unfinished message are buffered."""
-        return bool(self._pending or self._data)
-
-
-class ChunkDecoder(abc.ABC):
-    """Turns one upstream stream's SSE messages into events (one instance per attempt)."""
-
-    @abc.abstractmethod
-    def decode(self, event: str, data: bytes) -> list[Event]:
-        """Events for one SSE message; raise ``BackendError``s for upstream errors."""
-
-    @abc.abstractmethod
-    def finish(self) -> list[Event]:
-        """The body ended: the closing events, or raise if the upstream stopped short."""
-
-    @property
-    @abc.abstractmethod
-    def done(self) -> bool:
-        """The upstream sent its terminal message; later bytes are ignored."""
-
-
-def load_json(data: bytes) -> Any:
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BackendProtocolError(f"malformed upstream chunk (not JSON): {data[:200]!r}") from exc
 
 
 # -- one attempt ---------------------------------------------------------------------------
@@ -286,15 +202,15 @@ class UpstreamCall:
                 raise await _status_error(backend.name, response)
             if not self.opened.done():
                 self.opened.set_result(None)
-            parser = SSEParser()
+            parser = SSEDecoder()
             decoder = backend.decoder()
-            feed = parser.feed
+            feed = parser.feed_raw
             decode = decoder.decode
             chunks = response.aiter_raw()
             async for raw in chunks:
                 events: list[Event] = []
                 try:
-                    for name, data in feed(raw):
+                    for name, data, _ in feed(raw):
                         events += decode(name, data)
                         if decoder.done:
                             break
@@ -443,7 +359,7 @@ class UpstreamCall:
         self._read_at = self._loop.time()
         decoder = relay.decoder
         try:
-            for name, data in relay.parser.feed(raw):
+            for name, data, _ in relay.parser.feed_raw(raw):
                 for event in decoder.decode(name, data):
                     if type(event) is Usage and event.ttft_ms is None:
                         event.ttft_ms = self.ttft_ms  # the upstream's, for metrics
@@ -488,7 +404,7 @@ class UpstreamCall:
         cancelling = task.cancelling()
         next_chunk = relay.chunks.__anext__
         body = direct_body(relay.response)
-        feed = relay.parser.feed
+        feed = relay.parser.feed_raw
         decoder = relay.decoder
         decode = decoder.decode
         if body is not None and self._sink is not None:
@@ -540,7 +456,7 @@ class UpstreamCall:
                         for event in decoder.finish():
                             yield self._stamped(event)
                     return
-                for name, data in feed(raw):
+                for name, data, _ in feed(raw):
                     for event in decode(name, data):
                         if type(event) is Usage and event.ttft_ms is None:
                             event.ttft_ms = self.ttft_ms  # the upstream's, for metrics
@@ -593,8 +509,8 @@ class _Relay:
         self,
         response: httpx.Response,
         chunks: AsyncIterator[bytes],
-        parser: SSEParser,
-        decoder: ChunkDecoder,
+        parser: SSEDecoder,
+        decoder: WireDecoder,
     ) -> None:
         self.response = response
         self.chunks = chunks
@@ -615,12 +531,11 @@ class _Relay:
                 await self.response.aclose()
 
 
-def _flush(parser: SSEParser, decoder: ChunkDecoder) -> list[Event]:
+def _flush(parser: SSEDecoder, decoder: WireDecoder) -> list[Event]:
     """Events of a last message the body ended without a blank line after."""
     events: list[Event] = []
-    if parser.pending():
-        for name, data in parser.feed(b"\n\n"):
-            events += decoder.decode(name, data)
+    for name, data, _ in parser.flush():
+        events += decoder.decode(name, data)
     return events
 
 
@@ -720,11 +635,12 @@ class UpstreamBackend(Backend):
         """The URL and JSON body that stream ``request`` from ``model``."""
 
     @abc.abstractmethod
-    def decoder(self) -> ChunkDecoder:
+    def decoder(self) -> WireDecoder:
         """A fresh decoder for one response."""
 
-    def auth_headers(self, key: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {key}"}
+    @abc.abstractmethod
+    def auth_headers(self, key: str | None) -> dict[str, str]:
+        """The wire's headers, with the API key ``key`` if there is one."""
 
     def retry_body(self, body: dict[str, Any], rejection: str) -> dict[str, Any] | None:
         """A body to retry once after the upstream refused ``body`` with 400/422 saying
@@ -763,9 +679,7 @@ class UpstreamBackend(Backend):
             "accept-encoding": "identity",
             **self.config.headers,
         }
-        key = self.config.api_key()
-        if key:
-            headers.update(self.auth_headers(key))
+        headers.update(self.auth_headers(self.config.api_key()))
         return headers
 
     # -- models --------------------------------------------------------------------------

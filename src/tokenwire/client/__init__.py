@@ -10,9 +10,9 @@ from tokenwire.client._async import AsyncChat, AsyncChatStream, AsyncClient
 from tokenwire.client._client import DEFAULT_BASE_URL
 from tokenwire.client._metrics import StreamMetrics, percentile
 from tokenwire.client._protocols import ProtocolName
-from tokenwire.client._sse import ServerSentEvent, SSEDecoder
 from tokenwire.client._stream import ChatResult, RetryPolicy
 from tokenwire.client._sync import Chat, ChatStream, Client
+from tokenwire.codecs.sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -29,7 +29,7 @@ import orjson
 from tokenwire.client._errors import error_from_event, error_from_response
 from tokenwire.client._metrics import StreamMetrics
 from tokenwire.client._protocols import Mapper
-from tokenwire.client._sse import SSEDecoder
+from tokenwire.codecs.sse import SSEDecoder
 from tokenwire.errors import (
     BackendProtocolError,
     BackendTimeout,
