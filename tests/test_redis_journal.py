@@ -16,6 +16,7 @@ import pytest
 from tokenwire.errors import JournalError, StreamExpired, StreamHandedOver, StreamNotFound
 from tokenwire.events import Event, StreamCompleted, StreamFailed, StreamStarted, TextDelta
 from tokenwire.journal import StreamMeta, open_journal
+from tokenwire.journal.control import ProducerState
 from tokenwire.journal.redis import RedisJournal
 
 from .conftest import free_port
@@ -241,6 +242,25 @@ async def test_reader_presence_is_visible_to_other_replicas(
     await asyncio.sleep(0.2)
     seen = await a.control.reader_seen(meta.id)
     assert seen is not None and seen <= time.time()  # left, and when
+
+
+async def test_names_are_shared_by_replicas_and_say_whether_the_stream_runs(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    """A wire's own name for a stream (the UI message stream's chat id): set on one replica,
+    found on the other; the stream's own state says whether it still runs."""
+    a, b = pair
+    assert await b.control.named_stream("chat-1") is None
+    first, second = new_meta(), new_meta()
+    await create(a, first)
+    await a.control.name_stream("chat-1", first.id)
+    assert await b.control.named_stream("chat-1") == first.id
+    assert await b.control.end_if_orphaned(first.id) == ProducerState.ALIVE
+    await a.append(first.id, StreamCompleted())
+    assert await b.control.end_if_orphaned(first.id) == ProducerState.ENDED
+    await create(b, second)
+    await b.control.name_stream("chat-1", second.id)  # a later name replaces the earlier one
+    assert await a.control.named_stream("chat-1") == second.id
 
 
 async def test_readers_of_a_dead_producer_get_a_terminal_failure(

@@ -89,6 +89,17 @@ class ControlPlane:
         is shared (the stream manager then cancels directly)."""
         return None
 
+    # -- names ---------------------------------------------------------------------------
+
+    async def name_stream(self, name: str, stream_id: str) -> None:
+        """Remember ``stream_id`` under ``name``, a wire's own name for a stream (the UI
+        message stream's chat id), for every replica while the stream is retained; a later
+        name replaces an earlier one. Nothing shared: the server keeps names itself."""
+
+    async def named_stream(self, name: str) -> str | None:
+        """The stream last named ``name`` (``name_stream``), or None."""
+        return None
+
     # -- reader presence -----------------------------------------------------------------
 
     async def hold_presence(self, stream_id: str, reader: str, until: float) -> None:

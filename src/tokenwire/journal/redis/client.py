@@ -14,6 +14,8 @@ Redis Cluster slot):
 - ``tw:{id}:gone``    tombstone written with the terminal event that outlives the stream by
   ``tombstone_ttl``: an expired id answers 410, an id never seen 404.
 - ``tw:node:{node}``  producer heartbeat, expiring after ``liveness`` s.
+- ``tw:name:{name}``  a wire's own name for a stream -> stream id (the UI message stream's
+  chat id, per API key); expires an hour after the stream's retention would.
 - ``tw:active``       hash stream id -> producing node (the dead-producer sweep walks it).
 - ``tw:finished``     sorted set stream id -> finish time (the ``max_finished`` bound).
 - channel ``tw:cancel``: ``"<id> <reason>"``.
@@ -292,6 +294,9 @@ class RedisClient:
 
     def node_key(self, node: str) -> str:
         return f"{self.prefix}node:{node}"
+
+    def name_key(self, name: str) -> str:
+        return f"{self.prefix}name:{name}"
 
     @property
     def cancel_channel(self) -> str:

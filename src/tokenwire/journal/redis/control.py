@@ -9,6 +9,7 @@ shared by every replica on one Redis (keys: ``journal/redis/client.py``).
   ``liveness`` s. A stream whose producer stopped beating is ended with ``stream.failed``
   ``producer_lost`` by whichever reader or replica notices first, atomically (Lua), once the
   producer has been seen dead twice ``2 × heartbeat`` apart.
+- Names: ``tw:name:{name}`` maps a wire's own name for a stream (a chat id) to its id.
 - Ownership: ``produce`` records this node as a stream's producer; ``claim`` takes a stream
   whose producer is dead or released it (one Lua script: exactly one claimer wins);
   ``release`` gives one up. The log refuses appends from any node but the producer.
@@ -236,6 +237,22 @@ class RedisControlPlane(ControlPlane):
     async def _mark_left(self, readers_key: str, reader: str) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.client.redis.zadd(readers_key, {reader: time.time()}, xx=True)
+
+    # -- names ---------------------------------------------------------------------------
+
+    async def name_stream(self, name: str, stream_id: str) -> None:
+        # Outlives the stream's retention by an hour: a name is looked up for its stream's
+        # state, which the stream's own keys answer (404/410 once they are gone).
+        ttl_ms = int((self.ttl + 3600) * 1000)
+        with translated("naming a stream"):
+            await guarded(self.client.redis.set(self.client.name_key(name), stream_id, px=ttl_ms))
+
+    async def named_stream(self, name: str) -> str | None:
+        with translated("looking a stream's name up"):
+            raw = await guarded(self.client.redis.get(self.client.name_key(name)))
+        if raw is None:
+            return None
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def reader_seen(self, stream_id: str) -> float | None:
         readers_key = self.client.keys(stream_id).readers
