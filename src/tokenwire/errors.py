@@ -11,6 +11,8 @@ error events exactly once.
     │   ├── AuthenticationFailed     401
     │   ├── StreamNotFound           404  unknown stream, or another key's stream
     │   ├── ModelNotFound            404
+    │   ├── RouteNotFound            404  no route at that path
+    │   ├── MethodNotAllowed         405  the path exists, the method does not
     │   ├── StreamExpired            410  the stream was evicted after its TTL
     │   ├── PayloadTooLarge          413
     │   └── Overloaded               429  queue full / rate limited (carries retry_after)
@@ -38,11 +40,13 @@ __all__ = [
     "ContextLengthExceeded",
     "InvalidRequest",
     "JournalError",
+    "MethodNotAllowed",
     "ModelNotFound",
     "OutputValidationError",
     "Overloaded",
     "PayloadTooLarge",
     "RequestError",
+    "RouteNotFound",
     "StreamExpired",
     "StreamHandedOver",
     "StreamInterrupted",
@@ -104,6 +108,15 @@ class ModelNotFound(RequestError):
             param="model",
             code="model_not_found",
         )
+
+
+class RouteNotFound(RequestError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowed(RequestError):
+    status_code = 405
 
 
 class StreamExpired(RequestError):

@@ -1,7 +1,9 @@
 """The neutral request every protocol parses into and every backend reads.
 
-These are not wire models: ``protocols/`` owns the OpenAI and Anthropic shapes and their
-validation; a ``ChatRequest`` is what is left once a request has been understood.
+These are not wire models: each protocol owns its wire shapes and their validation; a
+``ChatRequest`` is what is left once a request has been understood. Delivery options a
+request may carry (``CoalesceSpec``: fewer, larger text frames, applied by
+``stages/coalesce.py``) are parsed here, so every protocol and the config read them alike.
 """
 
 from __future__ import annotations
@@ -9,13 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tokenwire.errors import InvalidRequest
+
 __all__ = [
+    "COALESCE_KEY",
+    "OFF_COALESCE",
     "ChatRequest",
+    "CoalesceSpec",
     "Message",
     "ResponseFormat",
     "SamplingParams",
     "Tool",
     "ToolCall",
+    "parse_coalesce",
 ]
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -76,3 +84,56 @@ class ChatRequest:
     include_usage: bool = False
     #: Opaque per-request options a protocol passes through (``user``, ``metadata`` …).
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- delivery options ------------------------------------------------------------------------
+
+#: Where a request's parsed coalescing choice lives (``ChatRequest.extra``).
+COALESCE_KEY = "coalesce"
+DEFAULT_MAX_DELAY = 1.0
+_MAX_DELAY_LIMIT_MS = 60_000
+
+
+@dataclass(slots=True, frozen=True)
+class CoalesceSpec:
+    """How ``stages/coalesce.py`` merges text deltas (its docstring explains the forms)."""
+
+    mode: Literal["none", "word", "line"] = "none"
+    max_delay: float | None = None  # seconds
+
+    @property
+    def off(self) -> bool:
+        return self.mode == "none" and self.max_delay is None
+
+
+OFF_COALESCE = CoalesceSpec()
+
+
+def parse_coalesce(value: Any, *, param: str = "stream_options.coalesce") -> CoalesceSpec:
+    """Validate a wire or config value; raise ``InvalidRequest`` naming ``param``."""
+    if value is None or value is False or value == "off":
+        return OFF_COALESCE
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("word", "line"):
+            return CoalesceSpec(mode=text, max_delay=DEFAULT_MAX_DELAY)  # type: ignore[arg-type]
+        if text.endswith("ms") and text[:-2].strip().isdigit():
+            return parse_coalesce({"max_delay_ms": int(text[:-2])}, param=param)
+    elif isinstance(value, dict):
+        unknown = set(value) - {"mode", "max_delay_ms"}
+        mode = value.get("mode", "none")
+        delay = value.get("max_delay_ms")
+        if not unknown and mode in ("none", "word", "line"):
+            if delay is None and mode != "none":
+                return CoalesceSpec(mode=mode, max_delay=DEFAULT_MAX_DELAY)
+            if (
+                isinstance(delay, int)
+                and not isinstance(delay, bool)
+                and 1 <= delay <= _MAX_DELAY_LIMIT_MS
+            ):
+                return CoalesceSpec(mode=mode, max_delay=delay / 1000)
+    raise InvalidRequest(
+        f'{param} must be "word", "line", "off" or {{"max_delay_ms": 1..{_MAX_DELAY_LIMIT_MS}}}'
+        f' (optionally with "mode": "word" | "line"), not {value!r}.',
+        param=param,
+    )

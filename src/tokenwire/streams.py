@@ -40,18 +40,17 @@ from tokenwire.events import (
     StreamCancelled,
     StreamFailed,
     StreamStarted,
+    aclose,
 )
 from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
 from tokenwire.journal.control import ControlPlane
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
+from tokenwire.stages import Stage
 
 __all__ = ["Stage", "StreamManager", "StreamObserver", "new_stream_id"]
 
 log = logging.getLogger("tokenwire.streams")
-
-#: A stage transforms the event stream of one request (stop sequences, structured output…).
-Stage = Callable[[AsyncIterator[Event], ChatRequest, CancelToken], AsyncIterator[Event]]
 
 
 class StreamObserver(Protocol):
@@ -190,6 +189,10 @@ class StreamManager:
     def active_streams(self) -> int:
         return len(self._producing)
 
+    def is_producing(self, stream_id: str) -> bool:
+        """Whether this process is generating ``stream_id`` right now."""
+        return stream_id in self._producing
+
     def active_streams_of(self, owner: str | None) -> int:
         """Streams this process is generating for ``owner`` (per-key concurrency limit)."""
         return sum(1 for p in self._producing.values() if p.owner == owner)
@@ -309,7 +312,7 @@ class StreamManager:
             )
         finally:
             with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+                await aclose(events)
             await self._finish(meta.id, producing, accepted, terminal)
 
     async def _finish(

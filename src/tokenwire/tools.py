@@ -55,9 +55,9 @@ from tokenwire.events import (
     ToolCallStarted,
     ToolResult,
     Usage,
+    aclose,
 )
 from tokenwire.requests import ChatRequest, Message, Tool, ToolCall
-from tokenwire.stages.structured import aclose
 from tokenwire.stages.tools import ToolCallError
 
 __all__ = ["ToolLoop", "ToolRegistry", "ToolSpec", "load_tools", "registry", "tool"]

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from rich.console import Console
 from rich.progress import (
@@ -77,7 +77,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--model", default="default", help="model name (default: default)")
     parser.add_argument(
         "--protocol",
-        choices=["openai", "native", "anthropic"],
+        choices=get_args(ProtocolName),
         default="openai",
         help="wire protocol (default openai: POST /v1/chat/completions)",
     )

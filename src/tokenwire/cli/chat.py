@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 from rich.console import Console
@@ -63,7 +63,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--system", help="system prompt")
     parser.add_argument(
         "--protocol",
-        choices=["auto", "native", "openai", "anthropic"],
+        choices=["auto", *get_args(ProtocolName)],
         default="auto",
         help="wire protocol (auto: native for tokenwire, else openai)",
     )

@@ -47,7 +47,7 @@ class StreamMeta:
 
     id: str
     model: str
-    protocol: str  # "openai_chat" | "anthropic_messages" | "native"
+    protocol: str  # the name of the WireProtocol it was started in (protocols/registry.py)
     created: int
     owner: str | None = None
     #: Protocol options fixed at start (e.g. include_usage); stored so resumes render alike.

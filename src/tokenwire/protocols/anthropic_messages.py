@@ -38,12 +38,19 @@ from tokenwire.events import (
     Usage,
 )
 from tokenwire.journal.base import StreamMeta
-from tokenwire.protocols import register
+from tokenwire.protocols.base import Endpoint, Parsed, WireProtocol
+from tokenwire.protocols.base import Renderer as BaseRenderer
 from tokenwire.requests import ChatRequest, Message, SamplingParams, Tool, ToolCall
 
-__all__ = ["PROTOCOL", "MessagesRequest", "Renderer", "aggregate", "error_body", "parse"]
-
-PROTOCOL = "anthropic_messages"
+__all__ = [
+    "PROTOCOL",
+    "AnthropicMessages",
+    "MessagesRequest",
+    "Renderer",
+    "aggregate",
+    "error_body",
+    "parse",
+]
 
 # -- wire models ---------------------------------------------------------------------------
 
@@ -258,7 +265,7 @@ _STOP_REASONS = {
 
 
 def message_id(stream_id: str) -> str:
-    return f"msg_{stream_id}"
+    return PROTOCOL.public_id(stream_id)
 
 
 def _usage(usage: Usage | None) -> dict[str, int]:
@@ -274,7 +281,7 @@ def _usage(usage: Usage | None) -> dict[str, int]:
     }
 
 
-class Renderer:
+class Renderer(BaseRenderer):
     """One stream's events as Anthropic SSE payloads (``event:`` = the payload's type)."""
 
     event_names = True
@@ -282,7 +289,7 @@ class Renderer:
     needs_history = True
 
     def __init__(self, meta: StreamMeta) -> None:
-        self.meta = meta
+        super().__init__(meta)
         self._blocks = 0  # blocks opened so far
         self._open: int | None = None  # index of the open block
         self._text_open = False
@@ -440,4 +447,55 @@ def aggregate(meta: StreamMeta, events: list[Event]) -> dict[str, Any] | Tokenwi
     }
 
 
-register(PROTOCOL, Renderer)
+# -- the protocol --------------------------------------------------------------------------
+
+#: Anthropic's error shape as JSON Schema.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+class AnthropicMessages(WireProtocol):
+    """``POST /v1/messages``, ``stream`` true or false."""
+
+    name = "anthropic_messages"
+    id_prefix = "msg_"
+    error_schema = ERROR_SCHEMA
+    request_model = MessagesRequest
+
+    def routes(self) -> tuple[Endpoint, ...]:
+        return (
+            Endpoint(
+                path="/v1/messages",
+                method="POST",
+                handler=self.create,
+                operation_id="createMessage",
+                body=self.request_model,
+                summary="A message, or its SSE stream",
+            ),
+        )
+
+    def parse(self, body: Any) -> Parsed:
+        chat, wire = parse(body)
+        return Parsed(request=chat, stream=wire.stream)
+
+    def renderer(self, meta: StreamMeta) -> Renderer:
+        return Renderer(meta)
+
+    def aggregate(self, meta: StreamMeta, events: list[Event]) -> dict[str, Any] | TokenwireError:
+        return aggregate(meta, events)
+
+    def error_body(self, exc: TokenwireError) -> dict[str, Any]:
+        return error_body(exc)
+
+
+PROTOCOL = AnthropicMessages()

@@ -35,26 +35,30 @@ from tokenwire.events import (
     Usage,
 )
 from tokenwire.journal.base import StreamMeta
+from tokenwire.protocols.base import Endpoint, Parsed, WireProtocol
+from tokenwire.protocols.base import Renderer as BaseRenderer
 from tokenwire.requests import (
+    COALESCE_KEY,
     ChatRequest,
     Message,
     ResponseFormat,
     SamplingParams,
     Tool,
     ToolCall,
+    parse_coalesce,
 )
-from tokenwire.stages.coalesce import COALESCE_KEY, parse_coalesce
 
 __all__ = [
     "DONE",
+    "PROTOCOL",
     "ChatCompletionRequest",
+    "OpenAIChat",
     "Renderer",
     "aggregate",
     "error_body",
     "parse",
 ]
 
-PROTOCOL = "openai_chat"
 #: The sentinel payload that ends an OpenAI stream.
 DONE = "[DONE]"
 
@@ -269,19 +273,18 @@ def error_body(exc: TokenwireError) -> dict[str, Any]:
 
 
 def completion_id(stream_id: str) -> str:
-    return f"chatcmpl-{stream_id}"
+    return PROTOCOL.public_id(stream_id)
 
 
-class Renderer:
+class Renderer(BaseRenderer):
     """Turns one stream's events into OpenAI chunk payloads, for one reader.
 
     Stateful only where OpenAI's order differs from the journal's: usage arrives before the
     terminal event in the journal, after the finish chunk on the wire.
     """
 
-    event_names = False
-
     def __init__(self, meta: StreamMeta) -> None:
+        super().__init__(meta)
         self.include_usage = bool(meta.render.get("include_usage"))
         self._base = {
             "id": completion_id(meta.id),
@@ -393,3 +396,63 @@ def aggregate(meta: StreamMeta, events: list[Event]) -> dict[str, Any] | Tokenwi
     if usage is not None:
         body["usage"] = usage_dict(usage)
     return body
+
+
+# -- the protocol --------------------------------------------------------------------------
+
+#: OpenAI's error shape as JSON Schema.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+
+class OpenAIChat(WireProtocol):
+    """``POST /v1/chat/completions``, ``stream`` true or false."""
+
+    name = "openai_chat"
+    id_prefix = "chatcmpl-"
+    error_schema = ERROR_SCHEMA
+    request_model = ChatCompletionRequest
+
+    def routes(self) -> tuple[Endpoint, ...]:
+        return (
+            Endpoint(
+                path="/v1/chat/completions",
+                method="POST",
+                handler=self.create,
+                operation_id="createChatCompletion",
+                body=self.request_model,
+                summary="A completion, or its SSE stream",
+            ),
+        )
+
+    def parse(self, body: Any) -> Parsed:
+        chat, wire = parse(body)
+        return Parsed(
+            request=chat, stream=wire.stream, render={"include_usage": chat.include_usage}
+        )
+
+    def renderer(self, meta: StreamMeta) -> Renderer:
+        return Renderer(meta)
+
+    def aggregate(self, meta: StreamMeta, events: list[Event]) -> dict[str, Any] | TokenwireError:
+        return aggregate(meta, events)
+
+    def error_body(self, exc: TokenwireError) -> dict[str, Any]:
+        return error_body(exc)
+
+
+PROTOCOL = OpenAIChat()

@@ -8,56 +8,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive
-from starlette.websockets import WebSocket
+from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
+from starlette.types import ASGIApp, Scope
 
 from tokenwire.backends.base import Backend
 from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
 from tokenwire.config import Settings
-from tokenwire.errors import InvalidRequest, Overloaded, TokenwireError
+from tokenwire.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    Overloaded,
+    RouteNotFound,
+    TokenwireError,
+)
 from tokenwire.events import Event
 from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
-from tokenwire.protocols import anthropic_messages, native, openai_chat, renderer_for
-from tokenwire.requests import ChatRequest
+from tokenwire.pipeline import build_stages
+from tokenwire.protocols.base import (
+    Context,
+    Handler,
+    JSONResponse,
+    Parsed,
+    Renderer,
+    Reply,
+    SocketHandler,
+    WireProtocol,
+)
+from tokenwire.protocols.registry import DEFAULT, PROTOCOLS, protocol_named
+from tokenwire.requests import ChatRequest, parse_coalesce
 from tokenwire.router import Router
 from tokenwire.server import openapi, ui
 from tokenwire.server.auth import OWNER_KEY, ApiKeys, RateLimiter, RequestGate, check_owner
 from tokenwire.server.limits import check_concurrency, clamp_max_tokens
 from tokenwire.server.metrics import CONTENT_TYPE_LATEST, Metrics, queued_in
 from tokenwire.server.shutdown import Drain
-from tokenwire.stages.coalesce import coalesce_stage, parse_coalesce
-from tokenwire.stages.pipeline import build_stages
-from tokenwire.streams import Stage, StreamManager
+from tokenwire.stages import Stage
+from tokenwire.stages.coalesce import coalesce_stage
+from tokenwire.streams import StreamManager
 from tokenwire.transports import sse
-from tokenwire.transports.websocket import StreamOps, WebSocketSession
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("tokenwire.server")
-
-ErrorShape = Callable[[TokenwireError], dict[str, Any]]
-#: What a handler returns: a plain response, or an event stream (an ASGI app of its own).
-Reply = Response | sse.EventSourceResponse
-
-
-class JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 class _App(Starlette):
@@ -70,51 +75,40 @@ class _App(Starlette):
         return sse.StreamHandoff(super().build_middleware_stack())
 
 
-def error_response(exc: TokenwireError, shape: ErrorShape = openai_chat.error_body) -> Response:
+def error_response(exc: TokenwireError, protocol: WireProtocol = DEFAULT) -> Response:
     headers = {}
     if isinstance(exc, Overloaded):
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    return JSONResponse(shape(exc), status_code=exc.status_code, headers=headers)
-
-
-async def read_json(request: Request) -> Any:
-    body = await request.body()
-    if not body:
-        raise InvalidRequest("The request body is empty; send a JSON object.")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
-
-
-def _after(request: Request) -> int:
-    """The last seq the client has: ``Last-Event-ID`` header, else ``?after=N``, else -1."""
-    raw = request.headers.get("last-event-id") or request.query_params.get("after")
-    if raw is None or raw == "":
-        return -1
-    try:
-        after = int(raw)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"Last-Event-ID / after must be an event seq (an integer), not {raw!r}.",
-            param="after",
-        ) from exc
-    if after < -1:
-        raise InvalidRequest("after must be >= -1.", param="after")
-    return after
+    return JSONResponse(protocol.error_body(exc), status_code=exc.status_code, headers=headers)
 
 
 class Server:
-    """The app's state and handlers; one per process."""
+    """The app's state and the ``Context`` protocol handlers get; one per process."""
 
-    def __init__(self, settings: Settings, router: Router, manager: StreamManager) -> None:
+    def __init__(
+        self, settings: Settings, router: Router, manager: StreamManager, metrics: Metrics
+    ) -> None:
         self.settings = settings
         self.router = router
         self.manager = manager
+        self.metrics = metrics
+        self.send_timeout = settings.send_timeout
         self.drain = Drain(settings.drain_timeout)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        self._names: dict[str, str] = {}
 
-    def admit(self, connection: Request | WebSocket, chat: ChatRequest) -> str | None:
+    # -- the Context (protocols/base.py) -----------------------------------------------------
+
+    async def read_json(self, request: Request) -> Any:
+        body = await request.body()
+        if not body:
+            raise InvalidRequest("The request body is empty; send a JSON object.")
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"The request body is not valid JSON: {exc}") from exc
+
+    def admit(self, connection: HTTPConnection, chat: ChatRequest) -> str | None:
         """The new stream's owner, once the drain, max_tokens and concurrency limits pass.
 
         Call right before ``manager.start`` with no ``await`` in between, so the concurrency
@@ -126,22 +120,49 @@ class Server:
         check_concurrency(self.manager.active_streams_of(owner), self.settings.max_streams_per_key)
         return owner
 
-    async def owned_meta(self, connection: Request | WebSocket, stream_id: str) -> StreamMeta:
-        """A stream's meta, or 404 when it belongs to another key."""
-        meta = await self.manager.meta(stream_id)
-        check_owner(meta, connection.scope.get(OWNER_KEY))
-        return meta
+    async def start(
+        self, protocol: WireProtocol, parsed: Parsed, connection: HTTPConnection
+    ) -> StreamMeta:
+        if connection.scope["type"] == "websocket":
+            # The gate spent a token on the handshake; each stream a socket starts spends one.
+            self.limiter.take(connection.scope.get(OWNER_KEY))
+        owner = self.admit(connection, parsed.request)
+        return await self.manager.start(
+            parsed.request, protocol=protocol.name, owner=owner, render=parsed.render
+        )
 
-    # -- helpers -------------------------------------------------------------------------
+    async def create(self, protocol: WireProtocol, request: Request) -> Reply:
+        parsed = protocol.parse(await self.read_json(request))
+        meta = await self.start(protocol, parsed, request)
+        cache = _cache_header(parsed.request)
+        if parsed.stream:
+            return self.event_stream(meta, headers=cache)
+        events = await self.collect(meta, request)
+        if events is None:
+            return Response(status_code=499)
+        body = protocol.aggregate(meta, events)
+        if isinstance(body, TokenwireError):
+            return error_response(body, protocol)
+        return JSONResponse(body, headers={**self.stream_headers(meta), **cache})
+
+    def stream_headers(self, meta: StreamMeta) -> dict[str, str]:
+        return {"x-stream-id": meta.id}
 
     def event_stream(
-        self, meta: StreamMeta, after: int, headers: dict[str, str] | None = None
+        self,
+        meta: StreamMeta,
+        after: int = -1,
+        *,
+        renderer: Renderer | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> sse.EventSourceResponse:
-        renderer = renderer_for(meta)
-        named = getattr(renderer, "event_names", False)
+        protocol = protocol_named(meta.protocol)
+        if renderer is None:
+            renderer = protocol.renderer(meta)
+        named = renderer.event_names
         # A stateful renderer (Anthropic's block indices) re-renders the stream from its
         # start on resume and sends only what follows ``after``.
-        start = -1 if getattr(renderer, "needs_history", False) else after
+        start = -1 if renderer.needs_history else after
         manager = self.manager
 
         # The first message tells EventSource-style clients how soon to reconnect. It
@@ -159,7 +180,7 @@ class Server:
                 if not payloads or event.seq <= after:
                     continue
                 for payload in payloads:
-                    name = payload["type"] if named and isinstance(payload, dict) else None
+                    name = payload["type"] if named and isinstance(payload, Mapping) else None
                     parts.append(encode(payload, id=event.seq, event=name, retry_ms=retry_ms))
                     retry_ms = None
             return b"".join(parts)
@@ -182,14 +203,13 @@ class Server:
             frames(),
             heartbeat=self.settings.heartbeat,
             send_timeout=self.settings.send_timeout,
-            headers={"x-stream-id": meta.id, **(headers or {})},
+            headers={**self.stream_headers(meta), **protocol.stream_headers, **(headers or {})},
         )
         return response
 
-    async def collect(self, meta: StreamMeta, receive: Receive) -> list[Event] | None:
-        """All events of a stream, or None if the client disconnected first (then the
-        stream is cancelled: a non-streaming caller cannot resume)."""
+    async def collect(self, meta: StreamMeta, request: Request) -> list[Event] | None:
         events: list[Event] = []
+        receive = request.receive
 
         async def read_all() -> None:
             async for event in self.manager.read(meta.id):
@@ -214,60 +234,45 @@ class Server:
         await self.manager.cancel(meta.id, "disconnect")
         return None
 
-    # -- routes --------------------------------------------------------------------------
+    def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
+        return self.manager.read(stream_id, after)
 
-    async def chat_completions(self, request: Request) -> Reply:
-        chat, wire = openai_chat.parse(await read_json(request))
-        owner = self.admit(request, chat)
-        meta = await self.manager.start(
-            chat,
-            protocol=openai_chat.PROTOCOL,
-            owner=owner,
-            render={"include_usage": chat.include_usage},
-        )
-        if wire.stream:
-            return self.event_stream(meta, after=-1, headers=_cache_header(chat))
-        events = await self.collect(meta, request.receive)
-        if events is None:
-            return Response(status_code=499)
-        body = openai_chat.aggregate(meta, events)
-        if isinstance(body, TokenwireError):
-            return error_response(body)
-        return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
+    async def owned_meta(self, connection: HTTPConnection, stream_id: str) -> StreamMeta:
+        meta = await self.manager.meta(stream_id)
+        check_owner(meta, connection.scope.get(OWNER_KEY))
+        return meta
 
-    async def messages(self, request: Request) -> Reply:
-        chat, wire = anthropic_messages.parse(await read_json(request))
-        owner = self.admit(request, chat)
-        meta = await self.manager.start(chat, protocol=anthropic_messages.PROTOCOL, owner=owner)
-        if wire.stream:
-            return self.event_stream(meta, after=-1, headers=_cache_header(chat))
-        events = await self.collect(meta, request.receive)
-        if events is None:
-            return Response(status_code=499)
-        body = anthropic_messages.aggregate(meta, events)
-        if isinstance(body, TokenwireError):
-            return error_response(body, anthropic_messages.error_body)
-        return JSONResponse(body, headers={"x-stream-id": meta.id, **_cache_header(chat)})
+    async def resume(self, connection: Request, stream_id: str, after: int = -1) -> Reply:
+        meta = await self.owned_meta(connection, stream_id)
+        self.metrics.resumed()
+        return self.event_stream(meta, after)
 
-    async def start_native(self, request: Request) -> Reply:
-        chat, _ = native.parse(await read_json(request))
-        owner = self.admit(request, chat)
-        meta = await self.manager.start(chat, protocol=native.PROTOCOL, owner=owner)
-        return self.event_stream(meta, after=-1, headers=_cache_header(chat))
+    async def cancel(self, stream_id: str, reason: str = "stop") -> None:
+        await self.manager.cancel(stream_id, reason)
 
-    async def resume(self, request: Request) -> Reply:
-        after = _after(request)
-        meta = await self.owned_meta(request, request.path_params["stream_id"])
-        request.app.state.metrics.resumed()
-        return self.event_stream(meta, after=after)
+    async def name_stream(self, name: str, stream_id: str) -> None:
+        # Process-local for now (a name resolves on the replica that started the stream);
+        # names of ended streams go when looked up, or here once there are many.
+        if len(self._names) >= 2 * self.manager.active_streams + 1024:
+            for stale in [n for n, s in self._names.items() if not self.manager.is_producing(s)]:
+                del self._names[stale]
+        self._names[name] = stream_id
 
-    async def cancel(self, request: Request) -> Reply:
-        stream_id = request.path_params["stream_id"]
-        await self.owned_meta(request, stream_id)
-        await self.manager.cancel(stream_id, "stop")
-        return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
+    async def named_stream(self, name: str) -> str | None:
+        stream_id = self._names.get(name)
+        if stream_id is None:
+            return None
+        if not self.manager.is_producing(stream_id):
+            del self._names[name]
+            return None
+        return stream_id
 
-    async def models(self, request: Request) -> Reply:
+    def error_response(self, protocol: WireProtocol, exc: TokenwireError) -> Response:
+        return error_response(exc, protocol)
+
+    # -- the server's own routes -----------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
         return JSONResponse(
             {
                 "object": "list",
@@ -278,36 +283,12 @@ class Server:
             }
         )
 
-    async def metrics(self, request: Request) -> Reply:
-        body = request.app.state.metrics.render()
+    async def metrics_page(self, request: Request) -> Response:
+        body = self.metrics.render()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    async def healthz(self, request: Request) -> Reply:
+    async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
-
-    async def websocket(self, websocket: WebSocket) -> None:
-        manager = self.manager
-
-        async def start(body: Any) -> str:
-            chat, _ = native.parse(body)
-            self.limiter.take(websocket.scope.get(OWNER_KEY))
-            owner = self.admit(websocket, chat)
-            return (await manager.start(chat, protocol=native.PROTOCOL, owner=owner)).id
-
-        async def read(stream_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
-            # The socket speaks native events whatever protocol the stream started in.
-            async for event in manager.read(stream_id, after):
-                yield event.to_dict()
-
-        async def cancel(stream_id: str) -> None:
-            await self.owned_meta(websocket, stream_id)
-            await manager.cancel(stream_id, "stop")
-
-        async def check(stream_id: str) -> StreamMeta:
-            return await self.owned_meta(websocket, stream_id)
-
-        ops = StreamOps(start=start, read=read, cancel=cancel, check=check)
-        await WebSocketSession(websocket, ops, send_timeout=self.settings.send_timeout).run()
 
 
 def _cache_header(chat: ChatRequest) -> dict[str, str]:
@@ -315,8 +296,8 @@ def _cache_header(chat: ChatRequest) -> dict[str, str]:
     return {"x-tokenwire-cache": status} if status else {}
 
 
-def _handler(
-    method: Callable[[Request], Awaitable[Reply]], shape: ErrorShape = openai_chat.error_body
+def _mapped(
+    method: Callable[[Request], Awaitable[Reply]], protocol: WireProtocol
 ) -> Callable[[Request], Awaitable[Reply]]:
     """Map the error tree to responses once, in the protocol's shape."""
 
@@ -327,29 +308,60 @@ def _handler(
             metrics = getattr(request.app.state, "metrics", None)
             if metrics is not None:
                 metrics.request_error(exc.error_type)
-            return error_response(exc, shape)
+            return error_response(exc, protocol)
 
     return endpoint
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Unknown routes and methods answer in OpenAI's error shape, not Starlette's text."""
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", "error")
-    if request.url.path.startswith("/v1/messages"):
+def _protocol_routes(server: Server) -> list[tuple[BaseRoute, WireProtocol]]:
+    """Every protocol's endpoints as Starlette routes, each with the protocol it belongs to."""
+    context: Context = server  # mypy checks here that Server implements the Context
+    routes: list[tuple[BaseRoute, WireProtocol]] = []
+    for protocol in PROTOCOLS:
+        for endpoint in protocol.routes():
+            route: BaseRoute
+            if endpoint.method == "WEBSOCKET":
+                socket_handler = cast(SocketHandler, endpoint.handler)
+                route = WebSocketRoute(endpoint.path, functools.partial(socket_handler, context))
+            else:
+                handler = cast(Handler, endpoint.handler)
+                route = Route(
+                    endpoint.path,
+                    _mapped(functools.partial(handler, context), protocol),
+                    methods=[endpoint.method],
+                )
+            routes.append((route, protocol))
+    return routes
+
+
+class _Owners:
+    """Which protocol a request is for, by route matching (not by URL prefix): its error
+    shape answers the gate's rejections and unknown methods."""
+
+    def __init__(self, routes: list[tuple[BaseRoute, WireProtocol]]) -> None:
+        self.routes = routes
+
+    def __call__(self, scope: Scope) -> WireProtocol | None:
+        partial: WireProtocol | None = None
+        for route, protocol in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return protocol
+            if match is Match.PARTIAL and partial is None:
+                partial = protocol  # the path is the protocol's, the method is not
+        return partial
+
+
+def _http_error(owners: _Owners) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, exc: Exception) -> Response:
+        """Unknown routes and methods answer in the owning protocol's error shape (the
+        default protocol's where no protocol owns the path), not Starlette's text."""
+        detail = getattr(exc, "detail", "error")
         message = f"{detail}: {request.method} {request.url.path}"
-        error = TokenwireError(message)
-        error.status_code = status
-        return JSONResponse(anthropic_messages.error_body(error), status_code=status)
-    body = {
-        "error": {
-            "message": f"{detail}: {request.method} {request.url.path}",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": None,
-        }
-    }
-    return JSONResponse(body, status_code=status)
+        error = MethodNotAllowed(message) if getattr(exc, "status_code", 0) == 405 else None
+        return error_response(error or RouteNotFound(message), owners(request.scope) or DEFAULT)
+
+    return handle
 
 
 def create_app(
@@ -382,7 +394,7 @@ def create_app(
     )
     metrics = Metrics()
     stages: list[Stage] = []
-    # Tool calls, server-side tools, structured output, guards (stages/pipeline.py).
+    # Tool calls, server-side tools, structured output, guards (pipeline.py).
     stages.extend(build_stages(settings, router))
     if settings.cache != "off":
         cache = ResponseCache(
@@ -410,7 +422,7 @@ def create_app(
         queued=queued_in(router.backends),
         journal_stats=journal.stats,
     )
-    server = Server(settings, router, manager)
+    server = Server(settings, router, manager, metrics)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -434,20 +446,13 @@ def create_app(
             await manager.close()
             await router.close()
 
-    routes = [
-        Route("/v1/chat/completions", _handler(server.chat_completions), methods=["POST"]),
-        Route(
-            "/v1/messages",
-            _handler(server.messages, anthropic_messages.error_body),
-            methods=["POST"],
-        ),
-        Route("/v1/streams", _handler(server.start_native), methods=["POST"]),
-        Route("/v1/streams/{stream_id}", _handler(server.resume), methods=["GET"]),
-        Route("/v1/streams/{stream_id}/cancel", _handler(server.cancel), methods=["POST"]),
-        Route("/v1/models", _handler(server.models), methods=["GET"]),
+    owned = _protocol_routes(server)
+    owners = _Owners(owned)
+    routes: list[BaseRoute] = [
+        *(route for route, _ in owned),
+        Route("/v1/models", _mapped(server.models, DEFAULT), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
-        WebSocketRoute("/v1/ws", server.websocket),
-        Route("/metrics", server.metrics, methods=["GET"]),
+        Route("/metrics", server.metrics_page, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
         *ui.routes(),
     ]
@@ -457,13 +462,16 @@ def create_app(
         limiter=server.limiter,
         max_body_bytes=settings.max_body_bytes,
         metrics_auth=settings.metrics_auth,
+        protocol_of=owners,
+        default=DEFAULT,
         on_reject=lambda exc: metrics.request_error(exc.error_type),
     )
+    handle_http_error = _http_error(owners)
     app = _App(
         routes=routes,
         middleware=[gate],
         lifespan=lifespan,
-        exception_handlers={404: _http_error, 405: _http_error},
+        exception_handlers={404: handle_http_error, 405: handle_http_error},
     )
     app.state.server = server
     app.state.metrics = metrics

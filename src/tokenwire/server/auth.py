@@ -1,11 +1,12 @@
 """API keys, stream ownership and the request gate (keys, body size, rate) in front of routes.
 
 Promises:
-- with keys configured, every ``/v1/*`` route (and ``/metrics`` when ``metrics_auth``) needs one
-  of them, as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``; a missing or wrong key
-  is a 401 in the protocol's error shape (Anthropic's on ``/v1/messages``, OpenAI's elsewhere,
-  the WebSocket handshake included). ``/healthz``, ``/``, ``/static`` and ``/openapi.json``
-  stay open;
+- with keys configured, every protocol's routes, every other ``/v1/*`` route (and ``/metrics``
+  when ``metrics_auth``) need one of them, as ``Authorization: Bearer <key>`` or
+  ``x-api-key: <key>``; a missing or wrong key is a 401 in the error shape of the protocol
+  whose route was asked for (found by route matching; the default protocol's elsewhere), the
+  WebSocket handshake included. ``/healthz``, ``/``, ``/static`` and ``/openapi.json`` stay
+  open;
 - keys are compared in constant time: both sides are hashed (SHA-256) and every configured
   digest is compared with ``hmac.compare_digest``, without an early exit;
 - a stream belongs to the key that started it: ``StreamMeta.owner`` holds a hash of the key
@@ -23,14 +24,13 @@ import hmac
 import math
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwire.errors import AuthenticationFailed, Overloaded, PayloadTooLarge, TokenwireError
 from tokenwire.journal.base import StreamMeta
-from tokenwire.protocols import anthropic_messages, openai_chat
+from tokenwire.protocols.base import WireProtocol
 
 __all__ = [
     "OWNER_KEY",
@@ -158,12 +158,6 @@ class RateLimiter:
         self._buckets[key] = (tokens - 1.0, now)
 
 
-def _shape(path: str) -> Callable[[TokenwireError], dict[str, Any]]:
-    if path.startswith("/v1/messages"):
-        return anthropic_messages.error_body
-    return openai_chat.error_body
-
-
 def _headers_for(exc: TokenwireError) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", b"application/json")]
     if isinstance(exc, Overloaded):
@@ -184,17 +178,23 @@ class RequestGate:
         limiter: RateLimiter,
         max_body_bytes: int,
         metrics_auth: bool = False,
+        protocol_of: Callable[[Scope], WireProtocol | None],
+        default: WireProtocol,
         on_reject: Callable[[TokenwireError], None] | None = None,
     ) -> None:
+        """``protocol_of``: the protocol whose route a request asks for, None if none;
+        its error shape answers (``default``'s where None)."""
         self.app = app
+        self.protocol_of = protocol_of
+        self.default = default
         self.keys = keys
         self.limiter = limiter
         self.max_body_bytes = max_body_bytes
         self.metrics_auth = metrics_auth
         self.on_reject = on_reject
 
-    def _guarded(self, path: str) -> bool:
-        if path.startswith("/v1/") or path == "/v1":
+    def _guarded(self, path: str, protocol: WireProtocol | None) -> bool:
+        if protocol is not None or path.startswith("/v1/") or path == "/v1":
             return True
         return path == "/metrics" and self.metrics_auth
 
@@ -204,8 +204,9 @@ class RequestGate:
             return
         path: str = scope.get("path", "")
         scope[OWNER_KEY] = None
+        protocol = self.protocol_of(scope)
         try:
-            if self._guarded(path) and not path.startswith(_OPEN_PATHS):
+            if self._guarded(path, protocol) and not path.startswith(_OPEN_PATHS):
                 owner = self.keys.authenticate(presented_key(scope.get("headers", ())))
                 scope[OWNER_KEY] = owner
                 self.limiter.take(owner)
@@ -214,7 +215,7 @@ class RequestGate:
         except TokenwireError as exc:
             if self.on_reject is not None:
                 self.on_reject(exc)
-            await self._reject(scope, receive, send, exc)
+            await self._reject(scope, receive, send, exc, protocol or self.default)
             return
         await self.app(scope, receive, send)
 
@@ -245,9 +246,14 @@ class RequestGate:
         return capped_receive
 
     async def _reject(
-        self, scope: Scope, receive: Receive, send: Send, exc: TokenwireError
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        exc: TokenwireError,
+        protocol: WireProtocol,
     ) -> None:
-        body = orjson.dumps(_shape(scope.get("path", ""))(exc))
+        body = orjson.dumps(protocol.error_body(exc))
         headers = _headers_for(exc)
         if scope["type"] == "http":
             await send(

@@ -1,9 +1,11 @@
 """The HTTP API as an OpenAPI 3.1 document, served at ``GET /openapi.json``.
 
-Request bodies come from the protocols' pydantic wire models (``model_json_schema``), so the
-document cannot drift from what ``parse`` accepts; responses and the error shapes are written
-out here. Streaming answers are ``text/event-stream``; docs/ holds the event reference. The
-schemathesis fuzz test (tests/test_fuzz.py) runs against this document.
+Paths come from the protocol registry: each protocol's endpoints with their request bodies
+(the pydantic wire models' ``model_json_schema``, so the document cannot drift from what
+``parse`` accepts) and its error shape (``WireProtocol.error_schema``). The server's own
+routes (``/v1/models``, ``/healthz``) are written out here. Streaming answers are
+``text/event-stream``; docs/ holds the event reference. The schemathesis fuzz test
+(tests/test_fuzz.py) runs against this document.
 """
 
 from __future__ import annotations
@@ -17,42 +19,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwire import __version__
-from tokenwire.protocols.anthropic_messages import MessagesRequest
-from tokenwire.protocols.openai_chat import ChatCompletionRequest
+from tokenwire.protocols.base import Endpoint, WireProtocol
+from tokenwire.protocols.registry import DEFAULT, PROTOCOLS
 
 __all__ = ["document", "endpoint"]
 
 _REF = "#/components/schemas/{model}"
-
-_OPENAI_ERROR: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
-
-_ANTHROPIC_ERROR: dict[str, Any] = {
-    "type": "object",
-    "required": ["type", "error"],
-    "properties": {
-        "type": {"const": "error"},
-        "error": {
-            "type": "object",
-            "required": ["type", "message"],
-            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-        },
-    },
-}
 
 _STATUSES = {
     "400": "Invalid request",
@@ -72,7 +44,12 @@ def _errors(schema: str) -> dict[str, Any]:
     }
 
 
-def _stream_or_json(description: str) -> dict[str, Any]:
+def _answer(description: str, streams: bool) -> dict[str, Any]:
+    if not streams:
+        return {
+            "description": description,
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
     return {
         "description": description,
         "headers": {"X-Stream-Id": {"schema": {"type": "string"}}},
@@ -93,20 +70,58 @@ def _body(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_STREAM_ID = {
-    "name": "stream_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "minLength": 1},
-}
+def _error_schema(protocol: WireProtocol, schemas: dict[str, Any]) -> str:
+    """The component name of ``protocol``'s error shape (protocols sharing one share it)."""
+    for name, schema in schemas.items():
+        if name.endswith("Error") and schema == protocol.error_schema:
+            return name
+    name = "Error" if protocol is DEFAULT else f"{type(protocol).__name__}Error"
+    schemas[name] = dict(protocol.error_schema)
+    return name
+
+
+def _operation(
+    endpoint: Endpoint, error: str, schemas: dict[str, Any], security: list[dict[str, list[str]]]
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {"operationId": endpoint.operation_id, "security": security}
+    if endpoint.parameters:
+        operation["parameters"] = [dict(p) for p in endpoint.parameters]
+    if endpoint.body is not None:
+        operation["requestBody"] = _body(endpoint.body, schemas)
+    operation["responses"] = {"200": _answer(endpoint.summary, endpoint.streams), **_errors(error)}
+    return operation
 
 
 @functools.cache
 def document() -> dict[str, Any]:
-    schemas: dict[str, Any] = {"Error": _OPENAI_ERROR, "AnthropicError": _ANTHROPIC_ERROR}
-    chat = _body(ChatCompletionRequest, schemas)
-    messages = _body(MessagesRequest, schemas)
+    schemas: dict[str, Any] = {}
     security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+    paths: dict[str, dict[str, Any]] = {}
+    default_error = _error_schema(DEFAULT, schemas)
+    for protocol in PROTOCOLS:
+        error = _error_schema(protocol, schemas)
+        for endpoint in protocol.routes():
+            if endpoint.operation_id is None or endpoint.method == "WEBSOCKET":
+                continue
+            paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = _operation(
+                endpoint, error, schemas, security
+            )
+    paths["/v1/models"] = {
+        "get": {
+            "operationId": "listModels",
+            "security": security,
+            "responses": {
+                "200": _answer("Models, `default` first", streams=False),
+                **_errors(default_error),
+            },
+        }
+    }
+    paths["/healthz"] = {
+        "get": {
+            "operationId": "health",
+            "responses": {"200": _answer("Up", streams=False)},
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {
@@ -122,94 +137,7 @@ def document() -> dict[str, Any]:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
             },
         },
-        "paths": {
-            "/v1/chat/completions": {
-                "post": {
-                    "operationId": "createChatCompletion",
-                    "security": security,
-                    "requestBody": chat,
-                    "responses": {
-                        "200": _stream_or_json("A completion, or its SSE stream"),
-                        **_errors("Error"),
-                    },
-                }
-            },
-            "/v1/messages": {
-                "post": {
-                    "operationId": "createMessage",
-                    "security": security,
-                    "requestBody": messages,
-                    "responses": {
-                        "200": _stream_or_json("A message, or its SSE stream"),
-                        **_errors("AnthropicError"),
-                    },
-                }
-            },
-            "/v1/streams": {
-                "post": {
-                    "operationId": "startStream",
-                    "security": security,
-                    "requestBody": chat,
-                    "responses": {
-                        "200": _stream_or_json("Native events as SSE"),
-                        **_errors("Error"),
-                    },
-                }
-            },
-            "/v1/streams/{stream_id}": {
-                "get": {
-                    "operationId": "resumeStream",
-                    "security": security,
-                    "parameters": [
-                        _STREAM_ID,
-                        {"name": "after", "in": "query", "schema": {"type": "integer"}},
-                        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _stream_or_json("Replay after the given seq, then live"),
-                        **_errors("Error"),
-                    },
-                }
-            },
-            "/v1/streams/{stream_id}/cancel": {
-                "post": {
-                    "operationId": "cancelStream",
-                    "security": security,
-                    "parameters": [_STREAM_ID],
-                    "responses": {
-                        "200": {
-                            "description": "Stop accepted",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **_errors("Error"),
-                    },
-                }
-            },
-            "/v1/models": {
-                "get": {
-                    "operationId": "listModels",
-                    "security": security,
-                    "responses": {
-                        "200": {
-                            "description": "Models, `default` first",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        },
-                        **_errors("Error"),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "health",
-                    "responses": {
-                        "200": {
-                            "description": "Up",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-        },
+        "paths": paths,
     }
 
 

@@ -21,63 +21,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from tokenwire.cancel import CancelToken
-from tokenwire.errors import InvalidRequest
 from tokenwire.events import Event, TextDelta
-from tokenwire.requests import ChatRequest
+from tokenwire.requests import (
+    COALESCE_KEY,
+    OFF_COALESCE,
+    ChatRequest,
+    CoalesceSpec,
+    parse_coalesce,
+)
 
 __all__ = ["COALESCE_KEY", "CoalesceSpec", "coalesce", "coalesce_stage", "parse_coalesce"]
-
-#: Where a request's parsed coalescing choice lives (``ChatRequest.extra``).
-COALESCE_KEY = "coalesce"
-DEFAULT_MAX_DELAY = 1.0
-_MAX_DELAY_LIMIT_MS = 60_000
-
-
-@dataclass(slots=True, frozen=True)
-class CoalesceSpec:
-    mode: Literal["none", "word", "line"] = "none"
-    max_delay: float | None = None  # seconds
-
-    @property
-    def off(self) -> bool:
-        return self.mode == "none" and self.max_delay is None
-
-
-OFF = CoalesceSpec()
-
-
-def parse_coalesce(value: Any, *, param: str = "stream_options.coalesce") -> CoalesceSpec:
-    """Validate a wire or config value; raise ``InvalidRequest`` naming ``param``."""
-    if value is None or value is False or value == "off":
-        return OFF
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("word", "line"):
-            return CoalesceSpec(mode=text, max_delay=DEFAULT_MAX_DELAY)  # type: ignore[arg-type]
-        if text.endswith("ms") and text[:-2].strip().isdigit():
-            return parse_coalesce({"max_delay_ms": int(text[:-2])}, param=param)
-    elif isinstance(value, dict):
-        unknown = set(value) - {"mode", "max_delay_ms"}
-        mode = value.get("mode", "none")
-        delay = value.get("max_delay_ms")
-        if not unknown and mode in ("none", "word", "line"):
-            if delay is None and mode != "none":
-                return CoalesceSpec(mode=mode, max_delay=DEFAULT_MAX_DELAY)
-            if (
-                isinstance(delay, int)
-                and not isinstance(delay, bool)
-                and 1 <= delay <= _MAX_DELAY_LIMIT_MS
-            ):
-                return CoalesceSpec(mode=mode, max_delay=delay / 1000)
-    raise InvalidRequest(
-        f'{param} must be "word", "line", "off" or {{"max_delay_ms": 1..{_MAX_DELAY_LIMIT_MS}}}'
-        f' (optionally with "mode": "word" | "line"), not {value!r}.',
-        param=param,
-    )
 
 
 def _cut(buffer: str, mode: str) -> int:
@@ -155,7 +111,7 @@ async def coalesce(events: AsyncIterator[Event], spec: CoalesceSpec) -> AsyncIte
             await source.aclose()  # type: ignore[attr-defined]
 
 
-def coalesce_stage(default: CoalesceSpec = OFF) -> Any:
+def coalesce_stage(default: CoalesceSpec = OFF_COALESCE) -> Any:
     """A stream-manager stage applying the request's choice, else ``default``."""
 
     def stage(

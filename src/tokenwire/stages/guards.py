@@ -23,9 +23,8 @@ from typing import Any
 
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import InvalidRequest
-from tokenwire.events import Event, GuardTriggered, StreamCompleted, TextDelta
+from tokenwire.events import Event, GuardTriggered, StreamCompleted, TextDelta, aclose
 from tokenwire.requests import ChatRequest
-from tokenwire.stages.structured import aclose
 
 __all__ = ["Guard", "Guards", "Predicate", "guard", "parse_guard", "register_guard"]
 

@@ -28,9 +28,10 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    aclose,
 )
 from tokenwire.requests import ChatRequest
-from tokenwire.stages.structured import SchemaStream, aclose, compile_schema
+from tokenwire.stages.structured import SchemaStream, compile_schema
 
 __all__ = ["ToolCallError", "buffer_tool_calls"]
 

@@ -1,5 +1,8 @@
 """The server's stage pipeline, innermost first (``StreamManager.stages``).
 
+It sits above ``stages/`` and ``tools.py`` (it composes them from the settings and the
+router), not among them, so the stages never import the tool loop that wraps them.
+
 1. ``buffer_tool_calls``: tool-call deltas pass, arguments are validated, ``completed`` follows.
 2. ``ToolLoop`` (only with ``--tools``): runs server-side tools and asks the model again; each
    step is the backend plus stage 1.
@@ -17,10 +20,10 @@ from tokenwire.config import Settings
 from tokenwire.events import Event
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
+from tokenwire.stages import Stage
 from tokenwire.stages.guards import Guards
 from tokenwire.stages.structured import structured_output
 from tokenwire.stages.tools import buffer_tool_calls
-from tokenwire.streams import Stage
 from tokenwire.tools import ToolLoop, load_tools, registry
 
 __all__ = ["build_stages"]
