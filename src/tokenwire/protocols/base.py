@@ -124,6 +124,9 @@ class Parsed:
     stream: bool = True
     #: JSON-able options the renderer reads from ``StreamMeta.render`` (fixed at start).
     render: dict[str, Any] = field(default_factory=dict)
+    #: Generate to the end even with no reader (the disconnect policy does not apply; only
+    #: Stop ends it early): the Responses API's ``background: true``.
+    background: bool = False
 
 
 class Renderer(abc.ABC):
@@ -227,6 +230,13 @@ class Context(Protocol):
     def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
         """Events after ``after``, replay then live, until the terminal one. While a reader
         is open the stream keeps generating (the disconnect policy counts readers)."""
+
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        """The events journaled so far, without waiting for more (poll a stream: the
+        last one is terminal once it has ended)."""
+
+    async def delete(self, stream_id: str) -> None:
+        """Forget a stream: afterwards it is unknown (404), not expired."""
 
     async def owned_meta(self, connection: HTTPConnection, stream_id: str) -> StreamMeta:
         """The stream's meta; ``StreamNotFound`` (404) for an unknown id or another key's

@@ -128,7 +128,11 @@ class Server:
             self.limiter.take(connection.scope.get(OWNER_KEY))
         owner = self.admit(connection, parsed.request)
         return await self.manager.start(
-            parsed.request, protocol=protocol.name, owner=owner, render=parsed.render
+            parsed.request,
+            protocol=protocol.name,
+            owner=owner,
+            render=parsed.render,
+            background=parsed.background,
         )
 
     async def create(self, protocol: WireProtocol, request: Request) -> Reply:
@@ -236,6 +240,12 @@ class Server:
 
     def read(self, stream_id: str, after: int = -1) -> AsyncIterator[Event]:
         return self.manager.read(stream_id, after)
+
+    async def snapshot(self, stream_id: str) -> list[Event]:
+        return await self.manager.snapshot(stream_id)
+
+    async def delete(self, stream_id: str) -> None:
+        await self.manager.delete(stream_id)
 
     async def owned_meta(self, connection: HTTPConnection, stream_id: str) -> StreamMeta:
         meta = await self.manager.meta(stream_id)
