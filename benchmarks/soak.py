@@ -2,7 +2,7 @@
 
 Three replicas behind nginx on Redis with Sentinel; streams on the embedded model
 (temperature 0) and on a scripted upstream; client drops and resumes; per cycle a replica
-SIGKILL + restart, a Redis master failover, a Redis restart (empty) and a rolling SIGTERM
+SIGKILL + restart, a Redis master failover, a Redis restart (AOF) and a rolling SIGTERM
 restart. Reports streams, faults injected, outcomes (completed / failed with reason /
 cancelled with reason), how many embedded answers were identical to an uninterrupted run, and
 every problem found (a gap, a repeat, a second terminal, a replay that differs).

@@ -230,8 +230,11 @@ class Sentinel:
 
 
 @contextmanager
-def redis_sentinel() -> Iterator[Sentinel]:
-    with redis_process() as master, redis_process(replica_of=master.port) as replica:
+def redis_sentinel(*, durable: bool = False) -> Iterator[Sentinel]:
+    with (
+        redis_process(durable=durable) as master,
+        redis_process(durable=durable, replica_of=master.port) as replica,
+    ):
         directory = Path(tempfile.mkdtemp(prefix="tw-sentinel-"))
         port = free_port()
         conf = directory / "sentinel.conf"
