@@ -42,13 +42,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import free_port, percentile, process, wait_healthy, write_results
+from _common import free_port, headline, percentile, process, wait_healthy, write_results
 
 
 def raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    """As many file descriptors as allowed: 65,536 where we may raise the hard limit (root;
+    a gateway stream holds two sockets), else the hard limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for wanted in (max(hard, 65536), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            break
+        except (ValueError, OSError):
+            continue
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -135,7 +141,7 @@ def make_backend(mode: str, rate: float) -> Any:
     return SilentBackend() if mode == "idle" else TickingBackend()
 
 
-def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
+def serve(port: int, mode: str, heartbeat: float, rate: float, upstream: int = 0) -> None:
     import uvicorn
     from starlette.requests import Request
     from starlette.responses import JSONResponse
@@ -169,7 +175,23 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
         stream_ttl=5,
         log_level="warning",
     )
-    app = create_app(settings, backend=make_backend(mode, rate))
+    if mode == "gateway":
+        # Every stream is relayed from the slow upstream, over a connection of its own.
+        settings.no_embedded = True
+        settings.extra = {
+            "upstreams": {
+                "slow": {
+                    "url": f"http://127.0.0.1:{upstream}/v1",
+                    "discover_models": False,
+                    "max_connections": 100_000,
+                    "first_token_timeout": 3600.0,
+                    "idle_timeout": 3600.0,
+                }
+            }
+        }
+        app = create_app(settings)
+    else:
+        app = create_app(settings, backend=make_backend(mode, rate))
     monitor = LoopMonitor()
 
     async def stats(request: Request) -> JSONResponse:
@@ -201,6 +223,83 @@ def serve(port: int, mode: str, heartbeat: float, rate: float) -> None:
         log_level="warning",
         timeout_keep_alive=60,
     )
+
+
+# -- the slow upstream (gateway mode) --------------------------------------------------------
+
+
+class SlowUpstream(asyncio.Protocol):
+    """One connection of an OpenAI-compatible upstream that answers each streamed request
+    with its headers, a role chunk and (``first_token``) one token, then nothing: a model
+    server that is slow to go on. No task per connection, so 10,000 cost it little."""
+
+    def __init__(self, first_token: bool) -> None:
+        self.first_token = first_token
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].decode("latin-1").lower()
+        length = 0
+        for line in head.split("\r\n"):
+            if line.startswith("content-length:"):
+                length = int(line.split(":", 1)[1])
+        if len(self.buffer) < end + 4 + length:
+            return
+        self.buffer = b""
+        if head.startswith("get") and "/models" in head:
+            body = b'{"object":"list","data":[{"id":"slow","object":"model"}]}'
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            return
+        out = [
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n",
+            self.chunk({"role": "assistant", "content": ""}),
+        ]
+        if self.first_token:
+            out.append(self.chunk({"content": "Hello"}))
+        self.transport.write(b"".join(out))
+
+    @staticmethod
+    def chunk(delta: dict[str, str]) -> bytes:
+        payload = json.dumps(
+            {
+                "id": "chatcmpl-slow",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "slow",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+            }
+        ).encode()
+        message = b"data: " + payload + b"\n\n"
+        return b"%x\r\n%b\r\n" % (len(message), message)
+
+
+def serve_upstream(port: int, first_token: bool) -> None:
+    import uvloop
+
+    raise_fd_limit()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SlowUpstream(first_token), "127.0.0.1", port, backlog=8192
+        )
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(run())
 
 
 # -- client side -----------------------------------------------------------------------------
@@ -345,7 +444,7 @@ async def client_run(args: argparse.Namespace) -> dict[str, Any]:
             "loop_stall_max_ms": round(during["stall_max_ms"], 2),
             "client_rss_mb": round(rss_kb() / 1024, 1),
         }
-        if args.mode == "idle":
+        if args.mode in ("idle", "gateway"):
             lags = holder.lags
             result |= {
                 "heartbeat_s": args.heartbeat,
@@ -367,21 +466,50 @@ async def client_run(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def server_process(
-    mode: str, heartbeat: float, rate: float, env: dict[str, str] | None = None
+    mode: str,
+    heartbeat: float,
+    rate: float,
+    env: dict[str, str] | None = None,
+    first_token: bool = True,
 ) -> Iterator[int]:
-    """This file with ``--serve`` on a free port; yields the port once /healthz answers."""
+    """This file with ``--serve`` on a free port; yields the port once /healthz answers.
+    In ``gateway`` mode the slow upstream runs first, in a process of its own."""
     port = free_port()
     common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
     here = str(Path(__file__).resolve())
-    with process([sys.executable, here, "--serve", "--port", str(port), *common], env) as server:
+    with contextlib.ExitStack() as stack:
+        if mode == "gateway":
+            upstream = free_port()
+            args = [sys.executable, here, "--serve-upstream", "--port", str(upstream)]
+            if not first_token:
+                args.append("--before-first-token")
+            stack.enter_context(process(args))
+            common += ["--upstream", str(upstream)]
+            deadline = time.monotonic() + 30
+            while not _listening(upstream):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the slow upstream did not listen")
+                time.sleep(0.1)
+        serve_cmd = [sys.executable, here, "--serve", "--port", str(port), *common]
+        server = stack.enter_context(process(serve_cmd, env))
         wait_healthy(f"http://127.0.0.1:{port}/healthz", server, 60)
         yield port
 
 
-def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) -> dict[str, Any]:
+def _listening(port: int) -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+def run_side(
+    mode: str, count: int, hold: float, heartbeat: float, rate: float, first_token: bool = True
+) -> dict[str, Any]:
     here = Path(__file__).resolve()
     common = ["--mode", mode, "--heartbeat", str(heartbeat), "--rate", str(rate)]
-    with server_process(mode, heartbeat, rate) as port:
+    with server_process(mode, heartbeat, rate, first_token=first_token) as port:
         client = subprocess.run(
             [
                 sys.executable,
@@ -409,6 +537,12 @@ def run_side(mode: str, count: int, hold: float, heartbeat: float, rate: float) 
 
 #: Components by the innermost frame of an allocation that is not the standard library.
 _COMPONENTS = (
+    ("/tokenwire/backends/_transport.py", "gateway: upstream connection (_transport.py)"),
+    ("/tokenwire/backends/_upstream.py", "gateway: upstream call (_upstream.py)"),
+    ("/tokenwire/backends/openai.py", "gateway: upstream call (_upstream.py)"),
+    ("/tokenwire/gateway.py", "gateway: failover and relay (gateway.py)"),
+    ("/httpx/", "gateway: httpx request and response objects"),
+    ("/httpcore/", "gateway: httpx request and response objects"),
     ("/uvicorn/_compat.py", "event loop: uvloop transport, socket, handles (C)"),
     ("/uvicorn/main.py", "event loop: uvloop transport, socket, handles (C)"),
     ("/uvicorn/middleware/", "ASGI layers held open (middleware, routing, handler)"),
@@ -505,16 +639,17 @@ async def _breakdown_client(port: int, streams: int, prefix: str) -> dict[str, i
     return rss
 
 
-def run_breakdown(streams: int) -> dict[str, Any]:
+def run_breakdown(streams: int, mode: str = "idle", first_token: bool = True) -> dict[str, Any]:
     """Where an idle stream's memory goes: tracemalloc (25 frames) snapshots of the server
     with N and with 2N idle streams, diffed; gc object counts alike."""
     import tempfile
 
     import uvloop
 
+    env = {"CAPACITY_TRACEMALLOC": "25"}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        server_process("idle", 5.0, 5.0, env={"CAPACITY_TRACEMALLOC": "25"}) as port,
+        server_process(mode, 5.0, 5.0, env=env, first_token=first_token) as port,
     ):
         prefix = str(Path(tmp) / "snapshot")
         rss = uvloop.run(_breakdown_client(port, streams, prefix))
@@ -522,15 +657,30 @@ def run_breakdown(streams: int) -> dict[str, Any]:
     # RSS with tracemalloc on also holds its traces: for scale only; idle_capacity.md has
     # the RSS of the production setup.
     result["rss_per_stream_kb_traced"] = round((rss["b"] - rss["a"]) / streams, 2)
+    result["mode"] = mode
+    result["first_token"] = first_token
     return result
 
 
 def breakdown_markdown(result: dict[str, Any]) -> str:
+    gateway = result.get("mode") == "gateway"
+    if gateway:
+        what = "one token" if result.get("first_token", True) else "no token"
+        title = "# Where a gateway stream's memory goes (waiting on a slow upstream)"
+        how = (
+            "`python benchmarks/idle_capacity.py --breakdown --gateway`: the capacity server as "
+            "a gateway, every stream relayed from a slow upstream over a connection of its own "
+            f"(headers, {what}, then silence), with tracemalloc "
+        )
+    else:
+        title = "# Where an idle SSE stream's memory goes"
+        how = "`python benchmarks/idle_capacity.py --breakdown`: the capacity server with "
+        how += "tracemalloc "
     lines = [
-        "# Where an idle SSE stream's memory goes",
+        title,
         "",
-        "`python benchmarks/idle_capacity.py --breakdown`: the capacity server with tracemalloc "
-        f"(25 frames), snapshots at {result['streams']} and {2 * result['streams']} idle streams, "
+        how + f"(25 frames), snapshots at {result['streams']} and {2 * result['streams']} "
+        "streams, "
         "diffed and divided by the streams added. An allocation belongs to the innermost frame "
         "outside the standard library. RSS per stream in production: `idle_capacity.md`.",
         "",
@@ -553,27 +703,53 @@ def breakdown_markdown(result: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    idle, active = results["idle"], results["active"]
+    idle, active, gateway = results["idle"], results["active"], results.get("gateway")
     lines = [
-        "# Capacity: idle SSE streams and active relayed streams",
+        "# Capacity: idle SSE streams, gateway streams and active relayed streams",
         "",
-        f"Machine: {os.cpu_count()} cores; server: uvicorn (httptools, with server/http.py's "
-        "lean containers) + uvloop, one process.",
+        "Server: uvicorn (httptools, with server/http.py's lean containers) + uvloop, one "
+        "process. *In-process*: the backend never emits (no upstream). *Gateway*: every "
+        "stream is relayed from a slow upstream (another process) over a connection of its "
+        "own, which sent its headers and "
+        + ("one token" if results.get("first_token", True) else "no token")
+        + " and then nothing; the server holds both sockets.",
         "",
-        "| measure | result | target |",
+        "| measure | in-process | gateway | target |",
+        "|---|---|---|---|",
+    ]
+
+    def row(label: str, key: str, target: str, fmt: str = "{}") -> None:
+        cells = [fmt.format(side[key]) if side and key in side else "—" for side in (idle, gateway)]
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {target} |")
+
+    lines.append(
+        f"| idle streams held open | {idle['open']} / {idle['streams']} | "
+        + (f"{gateway['open']} / {gateway['streams']}" if gateway else "—")
+        + " | 10,000 |"
+    )
+    row("server RSS per stream (lower is better)", "rss_per_stream_kb", "<= 20 KB", "{} KB")
+    for side in (idle, gateway):
+        if side:
+            side["lag"] = (
+                f"{side['heartbeat_lag_p50_ms']} / {side['heartbeat_lag_p99_ms']} / "
+                f"{side['heartbeat_lag_max_ms']} ms"
+            )
+            side["stall"] = f"{side['loop_stall_p99_ms']} / {side['loop_stall_max_ms']} ms"
+    row(f"heartbeat lag p50 / p99 / max (every {idle['heartbeat_s']} s)", "lag", "p99 <= 250 ms")
+    row("loop stall p99 / max", "stall", "")
+    for side in (idle, gateway):
+        if side:
+            side.pop("lag", None)
+            side.pop("stall", None)
+    lines += [
+        "",
+        "| active streams | result | target |",
         "|---|---|---|",
-        f"| idle streams held open | {idle['open']} / {idle['streams']} | 10,000 |",
-        f"| server RSS per idle stream | {idle['rss_per_stream_kb']} KB | <= 20 KB |",
-        f"| heartbeat lag p50 / p99 / max | {idle['heartbeat_lag_p50_ms']} / "
-        f"{idle['heartbeat_lag_p99_ms']} / {idle['heartbeat_lag_max_ms']} ms "
-        f"(heartbeat {idle['heartbeat_s']} s) | p99 <= 250 ms |",
-        f"| loop stall with idle streams p99 / max | {idle['loop_stall_p99_ms']} / "
-        f"{idle['loop_stall_max_ms']} ms | |",
-        f"| active streams | {active['open']} / {active['streams']} "
+        f"| held | {active['open']} / {active['streams']} "
         f"at {active['rate_per_stream']} tokens/s each | 1,000 |",
         f"| events delivered / s | {active['events_per_second']} "
         f"(offered {active['expected_events_per_second']}) | |",
-        f"| loop stall with active streams p99 / max | {active['loop_stall_p99_ms']} / "
+        f"| loop stall p99 / max | {active['loop_stall_p99_ms']} / "
         f"{active['loop_stall_max_ms']} ms | max <= 50 ms |",
         "",
     ]
@@ -590,6 +766,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hold", type=float, default=20.0, help="seconds to measure")
     parser.add_argument("--heartbeat", type=float, default=5.0)
     parser.add_argument(
+        "--gateway-streams",
+        type=int,
+        default=None,
+        help="gateway streams (default: --streams; 0: skip the gateway measurement)",
+    )
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="with --breakdown: the gateway path (streams relayed from a slow upstream)",
+    )
+    parser.add_argument(
+        "--before-first-token",
+        action="store_true",
+        help="the slow upstream sends no token at all (the gateway waits for the first)",
+    )
+    parser.add_argument(
         "--breakdown",
         type=int,
         nargs="?",
@@ -600,13 +792,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     # internal roles
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="idle", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    first_token = not args.before_first_token
+    if args.serve_upstream:
+        serve_upstream(args.port, first_token)
+        return {}
     if args.serve:
-        serve(args.port, args.mode, args.heartbeat, args.rate)
+        serve(args.port, args.mode, args.heartbeat, args.rate, args.upstream)
         return {}
     if args.client:
         import uvloop
@@ -614,18 +812,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(uvloop.run(client_run(args))), flush=True)
         return {}
     if args.breakdown:
-        breakdown = run_breakdown(args.breakdown)
-        write_results("idle_capacity_breakdown", breakdown, breakdown_markdown(breakdown))
+        mode = "gateway" if args.gateway else "idle"
+        breakdown = run_breakdown(args.breakdown, mode, first_token)
+        stem = "idle_capacity_breakdown" + ("_gateway" if args.gateway else "")
+        if args.gateway and not first_token:
+            stem += "_before_first_token"
+        write_results(stem, breakdown, breakdown_markdown(breakdown))
         return breakdown
     if args.quick:
         args.streams, args.active, args.hold = min(args.streams, 2000), min(args.active, 200), 8
         args.heartbeat = min(args.heartbeat, 2.0)
     if args.smoke:
         args.streams, args.active, args.hold, args.heartbeat = 300, 50, 3, 1.0
-    results = {
+    gateway_streams = args.streams if args.gateway_streams is None else args.gateway_streams
+    results: dict[str, Any] = {
         "idle": run_side("idle", args.streams, args.hold, args.heartbeat, args.rate),
         "active": run_side("active", args.active, args.hold, args.heartbeat, args.rate),
+        "first_token": first_token,
     }
+    if gateway_streams:
+        results["gateway"] = run_side(
+            "gateway", gateway_streams, args.hold, args.heartbeat, args.rate, first_token
+        )
     name = "idle_capacity_smoke" if args.smoke else "idle_capacity_quick" if args.quick else ""
     name = name or "idle_capacity"
     # Against the targets (lower is better; <= 1 meets the target).
@@ -635,6 +843,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "heartbeat_lag_p99_vs_250ms_ratio": round(idle["heartbeat_lag_p99_ms"] / 250, 2),
         "active_stall_max_vs_50ms_ratio": round(active["loop_stall_max_ms"] / 50, 2),
     }
+    n = f"{idle['streams']:,}"
+    headlines = [
+        headline(
+            "capacity",
+            f"server RSS per idle stream, in-process backend, {n} streams (KB)",
+            idle["rss_per_stream_kb"],
+            unit="KB",
+            better="lower",
+            goal=20,
+        ),
+        headline(
+            "capacity",
+            f"heartbeat lag p99, {n} idle streams (ms)",
+            idle["heartbeat_lag_p99_ms"],
+            unit="ms",
+            better="lower",
+            goal=250,
+        ),
+        headline(
+            "capacity",
+            f"worst event-loop stall, {active['streams']:,} active streams (ms)",
+            active["loop_stall_max_ms"],
+            unit="ms",
+            better="lower",
+            goal=50,
+        ),
+    ]
+    gateway = results.get("gateway")
+    if gateway:
+        g = f"{gateway['streams']:,}"
+        headlines[1:1] = [
+            headline(
+                "capacity",
+                f"server RSS per gateway stream with its upstream connection, {g} streams (KB)",
+                gateway["rss_per_stream_kb"],
+                unit="KB",
+                better="lower",
+                goal=20,
+            ),
+            headline(
+                "capacity",
+                f"heartbeat lag p99, {g} gateway streams (ms)",
+                gateway["heartbeat_lag_p99_ms"],
+                unit="ms",
+                better="lower",
+                goal=250,
+            ),
+        ]
+    results["headlines"] = headlines
     write_results(name, results, markdown(results))
     return results
 
