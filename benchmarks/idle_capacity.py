@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headlines = [
         headline(
             "capacity",
-            f"server RSS per idle stream, in-process backend, {n} streams (KB)",
+            f"server RSS per idle stream, in-process backend, {n} streams",
             idle["rss_per_stream_kb"],
             unit="KB",
             better="lower",
@@ -855,7 +855,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         headline(
             "capacity",
-            f"heartbeat lag p99, {n} idle streams (ms)",
+            f"heartbeat lag p99, {n} idle streams",
             idle["heartbeat_lag_p99_ms"],
             unit="ms",
             better="lower",
@@ -863,7 +863,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         headline(
             "capacity",
-            f"worst event-loop stall, {active['streams']:,} active streams (ms)",
+            f"worst event-loop stall, {active['streams']:,} active streams",
             active["loop_stall_max_ms"],
             unit="ms",
             better="lower",
@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headlines[1:1] = [
             headline(
                 "capacity",
-                f"server RSS per gateway stream with its upstream connection, {g} streams (KB)",
+                f"server RSS per gateway stream with its upstream connection, {g} streams",
                 gateway["rss_per_stream_kb"],
                 unit="KB",
                 better="lower",
@@ -884,7 +884,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ),
             headline(
                 "capacity",
-                f"heartbeat lag p99, {g} gateway streams (ms)",
+                f"heartbeat lag p99, {g} gateway streams",
                 gateway["heartbeat_lag_p99_ms"],
                 unit="ms",
                 better="lower",

@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headlines = [
         headline(
             "relay",
-            "time to first token tokenwire's gateway adds to the direct path, p50 (ms)",
+            "time to first token tokenwire's gateway adds to the direct path, p50",
             tw_ttft["ttft_ms_p50"],
             unit="ms",
             better="lower",
@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         headline(
             "relay",
-            "time to first token tokenwire's gateway adds to the direct path, p90 (ms)",
+            "time to first token tokenwire's gateway adds to the direct path, p90",
             tw_ttft["ttft_ms_p90"],
             unit="ms",
             better="lower",
@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             headlines.append(
                 headline(
                     "relay",
-                    f"time to first token {peer} adds to the direct path, p50 (ms; a peer)",
+                    f"time to first token {peer} adds to the direct path, p50 (a peer)",
                     added_ttft[peer]["ttft_ms_p50"],
                     unit="ms",
                     better="lower",
@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     headlines.append(
         headline(
             "relay",
-            "inter-chunk gap p99.9 through tokenwire − direct (ms; 20 ms chunks)",
+            "inter-chunk gap p99.9 through tokenwire − direct (20 ms chunks)",
             tw_ttft["itl_ms_p999"],
             unit="ms",
             better="lower",
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headlines.append(
             headline(
                 "relay",
-                "per-chunk latency tokenwire adds, p99 (ms)",
+                "per-chunk latency tokenwire adds, p99",
                 added["tokenwire"]["latency_ms_p99"],
                 unit="ms",
                 better="lower",
@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             headlines.append(
                 headline(
                     "relay",
-                    "per-chunk latency nginx adds, p99 (ms; the floor)",
+                    "per-chunk latency nginx adds, p99 (the floor)",
                     added["nginx"]["latency_ms_p99"],
                     unit="ms",
                     better="lower",

@@ -204,14 +204,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "headlines": [
             headline(
                 "relay",
-                "gateway's added time until the upstream has the request, p50 (ms; probed)",
+                "gateway's added time until the upstream has the request, p50 (probed)",
                 split["request_path_added_ms_p50"],
                 unit="ms",
                 better="lower",
             ),
             headline(
                 "relay",
-                "gateway's added one-way latency of the first token, p50 (ms; probed)",
+                "gateway's added one-way latency of the first token, p50 (probed)",
                 split["first_token_path_added_ms_p50"],
                 unit="ms",
                 better="lower",

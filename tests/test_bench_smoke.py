@@ -1,5 +1,6 @@
 """`make bench` in miniature: run_all.py --smoke runs the cheap benchmarks side by side with
-their peers and writes the summary table (markdown, JSON) and plot."""
+their peers and writes the summary (markdown, JSON) and plot: every figure in words, grouped
+by question, with the machine it ran on."""
 
 from __future__ import annotations
 
@@ -30,8 +31,21 @@ def test_run_all_smoke_writes_the_summary() -> None:
     assert all(run["status"] == "ok" for run in runs.values())
     # Heavy peers (a second model server, LiteLLM) are skipped in smoke mode, and say so.
     assert "embedded_vs_llamacpp" in summary["skipped"]
-    assert runs["cache_ttft"]["ratios"]["ttft_speedup_ratio"] > 1
-    assert "batched_ratio_top_vs_1" in runs["batching"]["ratios"]
+    # The machine: CPU model (lscpu), cores, commit.
+    assert summary["host"]["cpu"] and summary["host"]["cores"] >= 1
+    assert summary["host"]["commit"]
+    # Every figure says in words what it compares and which way is better.
+    figures = [figure for run in runs.values() for figure in run["headlines"]]
+    for figure in figures:
+        assert " " in figure["what"] and "[" not in figure["what"], figure
+        assert figure["better"] in ("higher", "lower")
+    cache = {f["what"]: f for f in runs["cache_ttft"]["headlines"]}
+    assert cache["time to first token of a response-cache miss ÷ a hit"]["value"] > 1
+    capacity = runs["idle_capacity"]["headlines"]
+    assert {f["question"] for f in capacity} == {"capacity"}
+    assert any("gateway stream" in f["what"] and f["goal"] == 20 for f in capacity)
     table = (RESULTS / "summary_smoke.md").read_text()
-    assert "| batching |" in table and "# Continuous batching" in table
+    assert "## Engine" in table and "## Capacity" in table and "## Server stack" in table
+    assert "| batching | engine |" in table and "# Continuous batching" in table
+    assert "AMD" in table or "Intel" in table or "Machine:" in table
     assert (RESULTS / "summary_smoke.png").stat().st_size > 1000
