@@ -48,6 +48,8 @@ class Bench:
     peer: str
     #: Arguments in smoke mode; None: skipped in smoke mode.
     smoke: tuple[str, ...] | None = None
+    #: Arguments in quick mode.
+    quick: tuple[str, ...] = ("--quick",)
 
 
 KNOWN = [
@@ -72,6 +74,12 @@ KNOWN = [
         ("--smoke", "--gateway-streams", "200"),
     ),
     Bench("resume_latency", "resume", "the same journal without resume"),
+    Bench(
+        "soak",
+        "resume",
+        "faults: replica kills, Redis failover and restarts, rolling restarts",
+        quick=("--cycles", "1", "--streams", "40"),
+    ),
     Bench(
         "partial_json",
         "structured output",
@@ -195,6 +203,21 @@ def _resume(d: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _soak(d: dict[str, Any]) -> list[dict[str, Any]]:
+    problems = d.get("problems")
+    return [
+        headline(
+            "resume",
+            f"problems in {d.get('streams', '?')} streams through replica kills, Redis "
+            "failovers and restarts (gaps, repeats, second terminal events, differing replays)",
+            len(problems) if isinstance(problems, list) else None,
+            unit="problems",
+            better="lower",
+            goal=0,
+        )
+    ]
+
+
 def _partial(d: dict[str, Any]) -> list[dict[str, Any]]:
     runs = [r for r in d.get("runs", []) if r.get("ratio_to_tokenwire") is not None]
     out = []
@@ -252,6 +275,7 @@ LEGACY: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
     "decode_kernels": _decode,
     "cache_ttft": _cache,
     "resume_latency": _resume,
+    "soak": _soak,
     "partial_json": _partial,
     "client_stream": _client,
     "asgi_json": _asgi,
@@ -275,7 +299,7 @@ def run_one(bench: Bench, mode: str, timeout: float) -> dict[str, Any]:
     if mode == "smoke":
         args = list(bench.smoke or ())
     elif mode == "quick":
-        args = ["--quick"]
+        args = list(bench.quick)
     else:
         args = []
     started_wall = time.time()
