@@ -86,7 +86,9 @@ def redis_info(url: str) -> dict[str, float]:
             # (everything but the in-script commands the append script runs).
             calls = float(line.split("calls=")[1].split(",")[0])
             info["calls"] += calls
-            if not line.startswith(("cmdstat_xadd:", "cmdstat_hexists:", "cmdstat_hset:")):
+            # Commands the append script runs inside Redis are not requests.
+            inside = ("xadd", "hexists", "hset", "hmget", "xrevrange")
+            if not line.startswith(tuple(f"cmdstat_{name}:" for name in inside)):
                 info["requests"] += calls
     return info
 

@@ -61,14 +61,15 @@ __all__ = [
 # KEYS: events, meta, gone, active, finished, readers
 # ARGV: first_seq, terminal (0|1), ttl_ms, gone_ttl_ms, stream_id, now, node, payload...
 APPEND = """
-local producer = redis.call('HGET', KEYS[2], 'producer')
+local state = redis.call('HMGET', KEYS[2], 'producer', 'done')
+local producer = state[1]
 if not producer then
   if redis.call('EXISTS', KEYS[3]) == 1 then
     return redis.error_reply('TWDONE the stream already has its terminal event')
   end
   return redis.error_reply('TWLOST the stream is missing from Redis')
 end
-if redis.call('HEXISTS', KEYS[2], 'done') == 1 then
+if state[2] then
   return redis.error_reply('TWDONE the stream already has its terminal event')
 end
 if producer ~= ARGV[7] then return redis.error_reply('TWOWNER ' .. producer) end
