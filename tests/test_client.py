@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from tokenwire.client import AsyncClient, Client, RetryPolicy
 from tokenwire.errors import InvalidRequest, ModelNotFound, StreamInterrupted
 from tokenwire.events import (
     Event,
+    GuardTriggered,
     Progress,
     StreamCancelled,
     StreamCompleted,
@@ -33,7 +35,7 @@ from tokenwire.events import (
     Usage,
 )
 
-from .conftest import RunningServer
+from .conftest import RunningServer, tokenwire_server
 from .llama_peer import llama_cpp_server
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
@@ -252,6 +254,36 @@ async def test_async_client_same_shape(server: RunningServer, reference_text: st
         result = await stream.final()
     assert "".join(pieces) == result.text == reference_text
     assert result.metrics.ttft_ms is not None
+
+
+def test_a_guard_reaches_both_clients_as_a_typed_event(reference_text: str) -> None:
+    """A real guard on the embedded model: the client yields ``GuardTriggered`` (it used to
+    drop the event as unknown) right before the terminal event, and the result names it."""
+    word = next(m for m in re.finditer(r"[A-Za-z]{4,}", reference_text) if m.start() >= 20).group()
+    position = reference_text.index(word)
+    pattern = re.escape(word)  # fires at its first occurrence, even inside a longer word
+    with tokenwire_server("--guard", f"early-word={pattern}", "--disconnect-grace", "0") as guarded:
+        with Client(guarded.url) as client, client.chat.stream(messages=PROMPT, **GREEDY) as s:
+            events = list(s)
+        result = s.final()
+
+        async def read_async() -> list[Event]:
+            async with AsyncClient(guarded.url) as client:
+                return [event async for event in client.chat.stream(messages=PROMPT, **GREEDY)]
+
+        async_events = asyncio.run(read_async())
+    assert_well_formed(events)
+    fired = [e for e in events if isinstance(e, GuardTriggered)]
+    assert len(fired) == 1 and events[-2] is fired[0]
+    assert (fired[0].guard, fired[0].match, fired[0].position) == ("early-word", word, position)
+    assert isinstance(events[-1], StreamCompleted) and events[-1].finish_reason == "content_filter"
+    assert result.finish_reason == "content_filter" and result.guard == fired[0]
+    # Generation stopped at the token that completed the match: what went out before it
+    # stays (a guard does not redact), nothing after the match's start followed.
+    assert reference_text.startswith(result.text)
+    assert position <= len(result.text) < position + len(word)
+    assert [type(e) for e in async_events] == [type(e) for e in events]
+    assert tokenwire.GuardTriggered is GuardTriggered
 
 
 def test_openai_protocol_against_tokenwire(server: RunningServer, reference_text: str) -> None:

@@ -16,6 +16,7 @@ def test_top_level_exports() -> None:
             "ChatRequest",
             "Client",
             "Event",
+            "GuardTriggered",
             "InvalidRequest",
             "Journal",
             "JsonPartial",

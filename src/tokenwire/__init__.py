@@ -18,6 +18,7 @@ from tokenwire.errors import (
 )
 from tokenwire.events import (
     Event,
+    GuardTriggered,
     JsonPartial,
     Progress,
     StreamCancelled,
@@ -44,6 +45,7 @@ __all__ = [
     "ChatRequest",
     "Client",
     "Event",
+    "GuardTriggered",
     "InvalidRequest",
     "Journal",
     "JsonPartial",

@@ -11,11 +11,13 @@ Every stream ends with exactly one terminal event: ``stream.completed``,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 __all__ = [
+    "EVENT_TYPES",
     "TERMINAL_TYPES",
     "Event",
     "GuardTriggered",
@@ -200,6 +202,9 @@ _EVENT_TYPES: dict[str, type[Event]] = {
         StreamFailed,
     )
 }
+
+#: Every event class by its wire name: the one vocabulary (client, renderers, UI tests).
+EVENT_TYPES: Mapping[str, type[Event]] = MappingProxyType(_EVENT_TYPES)
 
 TERMINAL_TYPES = frozenset(name for name, cls in _EVENT_TYPES.items() if cls.terminal)
 

@@ -25,6 +25,8 @@ from tests.e2e.webui_support import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DEMO_MARKDOWN,
+    GUARD,
+    GUARDED_ANSWER,
     HOSTILE_MARKDOWN,
     CuttableProxy,
     ScriptedBackend,
@@ -32,6 +34,15 @@ from tests.e2e.webui_support import (
     joined_text,
     native_events,
     scripted_server,
+)
+from tokenwire.events import (
+    EVENT_TYPES,
+    TERMINAL_TYPES,
+    GuardTriggered,
+    StreamCancelled,
+    StreamCompleted,
+    TextDelta,
+    Usage,
 )
 
 pytestmark = [
@@ -70,7 +81,7 @@ def model_server() -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def scripted() -> Iterator[ThreadedServer]:
-    with scripted_server(ScriptedBackend()) as running:
+    with scripted_server(ScriptedBackend(), guard=[GUARD]) as running:
         yield running
 
 
@@ -276,7 +287,7 @@ def test_answer_grows_token_by_token_and_ends_identical(
 
     message = stored_answer(page)
     events = native_events(model_server.url, message["streamId"])
-    assert events[-1]["type"] == "stream.completed"
+    assert events[-1]["type"] == StreamCompleted.type
     assert message["content"] == joined_text(events)
     assert message["content"].strip()
     # Streamed DOM == a fresh render of the final text: incremental rendering is exact.
@@ -289,7 +300,7 @@ def test_answer_grows_token_by_token_and_ends_identical(
         )
     meta = last_answer(page).locator(".msg-meta").inner_text()
     assert re.search(r"TTFT [\d,]+ ms · [\d.,]+ tok/s · \d+ tokens", meta), meta
-    usage = next(e for e in events if e["type"] == "usage")
+    usage = next(e for e in events if e["type"] == Usage.type)
     assert f"{usage['completion_tokens']} tokens" in meta
     assert page.errors == []  # type: ignore[attr-defined]
 
@@ -316,11 +327,11 @@ def test_stop_stops_decoding_on_the_server(
 
     message = stored_answer(page)
     events = native_events(model_server.url, message["streamId"])
-    assert events[-1] == {**events[-1], "type": "stream.cancelled", "reason": "stop"}
-    after_stop = [e for e in events if e["type"] == "text.delta" and e["seq"] > seen_seq]
+    assert events[-1] == {**events[-1], "type": StreamCancelled.type, "reason": "stop"}
+    after_stop = [e for e in events if e["type"] == TextDelta.type and e["seq"] > seen_seq]
     # The server stopped decoding: only the tokens already in flight followed.
     assert len(after_stop) <= 30, len(after_stop)
-    usage = [e for e in events if e["type"] == "usage"]
+    usage = [e for e in events if e["type"] == Usage.type]
     if usage:
         assert usage[-1]["completion_tokens"] < 1500
     assert message["content"] == joined_text(events)
@@ -393,7 +404,7 @@ def test_network_drop_resumes_with_identical_text(
     assert after > 0
     message = stored_answer(page)
     events = native_events(model_server.url, message["streamId"])
-    assert events[-1]["type"] == "stream.completed"
+    assert events[-1]["type"] == StreamCompleted.type
     # Identical: nothing lost, nothing shown twice.
     assert message["content"] == joined_text(events)
     assert answer_html(page) == fresh_render(page, message["content"])
@@ -438,7 +449,7 @@ def test_stop_works_on_a_resumed_stream_and_while_offline(
     assert wait_state(page, "stopped done failed", timeout=60_000) == "stopped"
     message = stored_answer(page)
     events = native_events(model_server.url, message["streamId"])
-    assert events[-1]["type"] == "stream.cancelled"
+    assert events[-1]["type"] == StreamCancelled.type
     assert events[-1]["reason"] == "stop"
     assert message["content"] == joined_text(events)
 
@@ -553,6 +564,69 @@ def test_tool_call_progress_and_partial_json_show_while_streaming(
         for gate in gates.values():
             gate.set()
         scripted.backend.gates = {}
+
+
+def test_a_guard_stops_the_answer_and_the_page_says_which(
+    scripted: ThreadedServer, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(f"{scripted.url}/?model=scripted")
+    send(page, "tell me the secret")
+    assert wait_state(page, "done failed stopped", timeout=30_000) == "done"
+    answer = last_answer(page)
+    notice = answer.locator(".msg-guard")
+    position = GUARDED_ANSWER.index("SECRET-")
+    # The guard's real stage ran: the text stops before the match, and the page names it.
+    said = "Stopped by the guard “secret-code” at “SECRET-4821”."
+    assert notice.is_visible()
+    assert notice.inner_text() == said
+    assert notice.get_attribute("role") == "status"
+    assert "content filter" in answer.locator(".msg-meta").inner_text()
+    events = native_events(scripted.url, stored_answer(page)["streamId"])
+    # A guard stops generation at the delta that completes the match; what went out before
+    # stays (it does not redact): the page shows exactly what the journal holds.
+    streamed = joined_text(events)
+    assert GUARDED_ANSWER.startswith(streamed) and position <= len(streamed) < position + 11
+    assert answer.locator(".msg-body").inner_text() == streamed.strip()
+    assert stored_answer(page)["content"] == streamed
+    assert [e["type"] for e in events[-2:]] == [GuardTriggered.type, StreamCompleted.type]
+    assert events[-1]["finish_reason"] == "content_filter"
+    assert stored_answer(page)["meta"]["guard"] == {
+        "guard": "secret-code",
+        "match": "SECRET-4821",
+        "position": position,
+    }
+    # Kept with the conversation: still shown after a reload.
+    page.reload()
+    page.wait_for_function("() => document.documentElement.dataset.ready === 'true'")
+    assert last_answer(page).locator(".msg-guard").inner_text() == said
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_tool_the_server_ran_shows_with_its_output(
+    scripted: ThreadedServer, open_page: Callable[..., Page]
+) -> None:
+    page = open_page(f"{scripted.url}/?model=scripted")
+    send(page, "use the server tool")
+    assert wait_state(page, "done failed stopped", timeout=30_000) == "done"
+    tool = last_answer(page).locator(".tool")
+    assert tool.locator(".tool-name").inner_text() == "lookup"
+    assert tool.locator(".tool-status").inner_text() == "ran on the server"
+    assert tool.locator(".tool-args").inner_text() == '{\n  "q": "tokenwire"\n}'
+    assert tool.locator(".tool-output").inner_text() == "42"
+    assert last_answer(page).locator(".msg-body").inner_text() == "Looking it up. Found 42."
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_the_ui_handles_every_event_type_of_the_vocabulary() -> None:
+    """app.js renders each type events.py defines, and stream.js ends on exactly its
+    terminal types: a new event type fails here until the page knows it."""
+    app = (STATIC / "app.js").read_text()
+    handled = set(re.findall(r'^\s*case "([a-z_.]+)":', app, re.MULTILINE))
+    assert handled == set(EVENT_TYPES)
+    stream = (STATIC / "stream.js").read_text()
+    terminal = re.search(r"const TERMINAL = new Set\(\[([^\]]*)\]\)", stream)
+    assert terminal is not None
+    assert set(re.findall(r'"([a-z_.]+)"', terminal.group(1))) == TERMINAL_TYPES
 
 
 def test_composer_keyboard_conversations_model_and_system_prompt(
@@ -708,6 +782,8 @@ def test_code_blocks_are_highlighted_with_a_copy_button(
 
 MARKDOWN_SAMPLES = [
     DEMO_MARKDOWN,
+    GUARD,
+    GUARDED_ANSWER,
     HOSTILE_MARKDOWN,
     "# Title\n\nSome *em*, **strong**, ***both***, ~~gone~~, `code`, a_b_c.\n",
     "1. one\n2. two\n   - nested **bold**\n   - more\n3. three\n\n- [x] loose\n\n- item\n",

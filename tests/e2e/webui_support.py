@@ -24,6 +24,7 @@ from tokenwire.backends.base import Backend, ModelInfo
 from tokenwire.cancel import CancelToken
 from tokenwire.config import Settings
 from tokenwire.events import (
+    TERMINAL_TYPES,
     Event,
     JsonPartial,
     Progress,
@@ -32,6 +33,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.requests import ChatRequest
@@ -100,6 +102,11 @@ def stream(prompt: str) -> None:
 """
 
 
+#: An answer a guard stops: ``GUARD`` (given to the scripted server) matches its code.
+GUARDED_ANSWER = "The door code is SECRET-4821, keep it to yourself. More text follows."
+GUARD = r"secret-code=SECRET-\d{4}"
+
+
 def chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
@@ -109,7 +116,9 @@ class ScriptedBackend(Backend):
     """Answers by keyword in the last user message; ``gap`` seconds between events.
 
     ``hostile``: model-written HTML/JS; ``tools``: a tool call whose arguments stream, then
-    partial JSON; ``demo``: rich markdown; anything else: echoes the request back.
+    partial JSON; ``demo``: rich markdown; ``secret``: an answer that ``GUARD`` stops;
+    ``server tool``: a tool the server ran (``tool.result``);
+    anything else: echoes the request back.
     ``gates``: the ``tools`` script waits at "args" (arguments streamed, not yet complete)
     and at "json" (partial JSON shown, not yet final) until the test sets that event.
     """
@@ -138,6 +147,14 @@ class ScriptedBackend(Backend):
             events = [TextDelta(text=c) for c in chunks(HOSTILE_MARKDOWN, 7)]
         elif "demo" in prompt:
             events = [TextDelta(text=c) for c in chunks(DEMO_MARKDOWN, 9)]
+        elif "secret" in prompt:
+            events = [TextDelta(text=c) for c in chunks(GUARDED_ANSWER, 5)]
+        elif "server tool" in prompt:
+            events = [
+                TextDelta(text="Looking it up."),
+                ToolResult(id="call_9", name="lookup", arguments='{"q": "tokenwire"}', output="42"),
+                TextDelta(text=" Found 42."),
+            ]
         elif "tools" in prompt:
             arguments = '{"city": "Paris", "days": 3, "units": "metric"}'
             events = [
@@ -302,10 +319,10 @@ def native_events(url: str, stream_id: str, timeout: float = 60.0) -> list[dict[
             if line.startswith("data: "):
                 event = orjson.loads(line[6:])
                 events.append(event)
-                if event["type"] in {"stream.completed", "stream.cancelled", "stream.failed"}:
+                if event["type"] in TERMINAL_TYPES:
                     break
     return events
 
 
 def joined_text(events: list[dict[str, Any]]) -> str:
-    return "".join(e["text"] for e in events if e["type"] == "text.delta")
+    return "".join(e["text"] for e in events if e["type"] == TextDelta.type)

@@ -39,6 +39,7 @@ from tokenwire.errors import (
 )
 from tokenwire.events import (
     Event,
+    GuardTriggered,
     JsonPartial,
     StreamCancelled,
     StreamCompleted,
@@ -86,6 +87,8 @@ class ChatResult:
     parsed: Any
     metrics: StreamMetrics
     cancel_reason: str | None = None
+    #: The guard that stopped the answer (``finish_reason`` is then ``content_filter``).
+    guard: GuardTriggered | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -125,6 +128,7 @@ class StreamCore:
     tool_calls: dict[int, ToolCallCompleted] = field(default_factory=dict)
     usage: Usage | None = None
     parsed: Any = None
+    guard: GuardTriggered | None = None
     terminal: Event | None = None
     metrics: StreamMetrics = field(default_factory=StreamMetrics)
     _decoder: SSEDecoder = field(default_factory=SSEDecoder)
@@ -224,6 +228,8 @@ class StreamCore:
         elif isinstance(event, StreamStarted):
             self.stream_id = self.stream_id or event.id or None
             self.model = event.model or self.model
+        elif isinstance(event, GuardTriggered):
+            self.guard = event
         if event.terminal:
             self.terminal = event
             self.metrics.end()
@@ -302,6 +308,7 @@ class StreamCore:
             parsed=self.parsed,
             metrics=self.metrics,
             cancel_reason=reason,
+            guard=self.guard,
         )
 
 

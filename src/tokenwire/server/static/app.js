@@ -175,6 +175,10 @@ class MessageView {
     this.error = el("div", "msg-error");
     this.error.setAttribute("role", "alert");
     this.error.hidden = true;
+    // A guard on the streamed text stopped the answer (guard.triggered): say which one.
+    this.guard = el("div", "msg-guard");
+    this.guard.setAttribute("role", "status");
+    this.guard.hidden = true;
     this.meta = el("div", "msg-meta");
     this.root.append(
       this.roleLabel,
@@ -182,6 +186,7 @@ class MessageView {
       this.body,
       this.tools,
       this.json,
+      this.guard,
       this.error,
       this.meta,
     );
@@ -207,6 +212,13 @@ class MessageView {
     if (m.streamId) this.root.dataset.streamId = m.streamId;
     this.root.setAttribute("aria-busy", m.state === "streaming" ? "true" : "false");
     this.meta.textContent = m.role === "assistant" ? metaText(m, this.live) : "";
+    const guard = m.meta?.guard;
+    this.guard.hidden = !guard;
+    if (guard) {
+      this.guard.dataset.guard = guard.guard;
+      const what = guard.match ? ` at “${guard.match}”` : "";
+      this.guard.textContent = `Stopped by the guard “${guard.guard}”${what}.`;
+    }
     const err = m.meta?.error;
     this.error.hidden = !err;
     if (err) this.error.textContent = `Error: ${err.message || err.type || "unknown error"}`;
@@ -236,6 +248,16 @@ class MessageView {
     }
     view.details.dataset.done = tool.done ? "true" : "false";
     view.status.textContent = tool.done ? "complete" : "streaming arguments…";
+    if (tool.output != null) {
+      // A tool the server ran (tool.result): its output under the arguments.
+      view.status.textContent = tool.error ? "failed on the server" : "ran on the server";
+      view.details.dataset.error = tool.error ? "true" : "false";
+      if (!view.output) {
+        view.output = el("pre", "tool-output");
+        view.details.append(view.output);
+      }
+      view.output.textContent = tool.output;
+    }
     if (tool.done) {
       let pretty = tool.arguments;
       try {
@@ -496,6 +518,21 @@ function follow(conv, message, view, run) {
         };
         view?.renderTool(meta.tools[ev.index]);
         break;
+      case "tool.result": {
+        const index = meta.tools.length;
+        meta.tools[index] = {
+          index,
+          id: ev.id,
+          name: ev.name,
+          arguments: ev.arguments,
+          done: true,
+          output: ev.output,
+          error: ev.error,
+        };
+        view?.setProgress("");
+        view?.renderTool(meta.tools[index]);
+        break;
+      }
       case "json.partial":
         meta.json = { value: ev.value, path: ev.path };
         view?.setProgress("");
@@ -505,6 +542,11 @@ function follow(conv, message, view, run) {
             active.view?.renderJson();
           });
         }
+        break;
+      case "guard.triggered":
+        meta.guard = { guard: ev.guard, match: ev.match, position: ev.position };
+        view?.setProgress("");
+        view?.renderState();
         break;
       case "usage":
         meta.usage = {
