@@ -251,11 +251,12 @@ class Context(Protocol):
 
     async def name_stream(self, name: str, stream_id: str) -> None:
         """Remember ``stream_id`` under a wire's own name for it (the UI message stream's
-        chat id) until the stream ends; a later name replaces an earlier one."""
+        chat id), on every replica, while the stream is retained; a later name replaces an
+        earlier one."""
 
     async def named_stream(self, name: str) -> str | None:
-        """The stream id last named ``name`` while it still runs, else None (the caller
-        checks ownership with ``owned_meta``)."""
+        """The stream last named ``name``, or None. It may have ended (its last
+        ``snapshot`` event is then terminal); check ownership with ``owned_meta``."""
 
     def error_response(self, protocol: WireProtocol, exc: TokenwireError) -> Response:
         """``exc`` as a response in ``protocol``'s error shape (status, ``Retry-After``)."""

@@ -31,6 +31,8 @@ from tokenwire.errors import (
     MethodNotAllowed,
     Overloaded,
     RouteNotFound,
+    StreamExpired,
+    StreamNotFound,
     TokenwireError,
 )
 from tokenwire.events import Event
@@ -63,6 +65,9 @@ from tokenwire.transports import sse
 __all__ = ["create_app"]
 
 log = logging.getLogger("tokenwire.server")
+
+#: Stream names (``Context.name_stream``) one process keeps when nothing is shared.
+_MAX_LOCAL_NAMES = 100_000
 
 
 class _App(Starlette):
@@ -261,20 +266,25 @@ class Server:
         await self.manager.cancel(stream_id, reason)
 
     async def name_stream(self, name: str, stream_id: str) -> None:
-        # Process-local for now (a name resolves on the replica that started the stream);
-        # names of ended streams go when looked up, or here once there are many.
-        if len(self._names) >= 2 * self.manager.active_streams + 1024:
-            for stale in [n for n, s in self._names.items() if not self.manager.is_producing(s)]:
-                del self._names[stale]
+        control = self.manager.control
+        if control.shared:
+            await control.name_stream(name, stream_id)
+            return
+        # Nothing shared: this process keeps the names, a bounded number of them.
+        self._names.pop(name, None)
         self._names[name] = stream_id
+        while len(self._names) > _MAX_LOCAL_NAMES:
+            del self._names[next(iter(self._names))]
 
     async def named_stream(self, name: str) -> str | None:
-        stream_id = self._names.get(name)
+        control = self.manager.control
+        stream_id = await control.named_stream(name) if control.shared else self._names.get(name)
         if stream_id is None:
             return None
-        if not self.manager.is_producing(stream_id):
-            del self._names[name]
-            return None
+        try:
+            await self.manager.meta(stream_id)
+        except (StreamNotFound, StreamExpired):
+            return None  # no longer retained
         return stream_id
 
     def error_response(self, protocol: WireProtocol, exc: TokenwireError) -> Response:
