@@ -40,6 +40,7 @@ lint: install-dev
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(PY) scripts/unasync.py --check
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # The sync client (client/_sync.py) is generated from the async one (client/_async.py).
 unasync: install-dev

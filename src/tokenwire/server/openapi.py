@@ -11,6 +11,7 @@ routes (``/v1/models``, ``/healthz``) are written out here. Streaming answers ar
 from __future__ import annotations
 
 import functools
+from importlib.metadata import version
 from typing import Any
 
 import orjson
@@ -18,7 +19,6 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwire import __version__
 from tokenwire.protocols.base import Endpoint, WireProtocol
 from tokenwire.protocols.registry import DEFAULT, PROTOCOLS
 
@@ -126,7 +126,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "tokenwire",
-            "version": __version__,
+            "version": version("tokenwire"),
             "description": "Streaming-first LLM server and gateway. Streaming responses are "
             "SSE with `id: <seq>`; resume with Last-Event-ID on GET /v1/streams/{stream_id}.",
         },
