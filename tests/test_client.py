@@ -312,6 +312,31 @@ def test_anthropic_protocol_against_tokenwire(server: RunningServer, reference_t
     assert result.usage is not None and result.usage.completion_tokens == GREEDY["max_tokens"]
 
 
+def test_responses_protocol_resumes_through_a_cut_and_stops(
+    server: RunningServer, reference_text: str
+) -> None:
+    with (
+        CuttingProxy(server.port, cuts=[3500]) as proxy,
+        Client(proxy.url, protocol="responses") as client,
+        client.chat.stream(messages=PROMPT, **GREEDY) as stream,
+    ):
+        events = list(stream)
+    assert len(proxy.connections) == 2  # cut once, resumed with the Responses cursor
+    resumed_after = int(proxy.connections[1].header("last-event-id") or -1)
+    before = [e for e in events if isinstance(e, TextDelta) and e.seq <= resumed_after]
+    assert before and len(before) < GREEDY["max_tokens"], "the cut must fall mid-text"
+    assert isinstance(events[0], StreamStarted) and isinstance(events[-1], StreamCompleted)
+    result = stream.final()
+    assert result.text == reference_text and result.finish_reason == "length"
+    assert result.usage is not None and result.usage.completion_tokens == GREEDY["max_tokens"]
+    with Client(server.url, protocol="responses") as client:
+        with client.chat.stream(messages=PROMPT, max_tokens=1500) as stream:
+            for event in stream:
+                if isinstance(event, TextDelta):
+                    stream.cancel()
+        assert isinstance(stream.terminal, StreamCancelled) and stream.final().cancelled
+
+
 def test_request_errors_are_typed(server: RunningServer) -> None:
     with Client(server.url) as client:
         assert "default" in client.models()
@@ -366,7 +391,7 @@ def test_partial_objects_grow_into_the_parsed_result(server: RunningServer) -> N
     assert len(set(names)) >= 2 or len(partials) > len(names)
 
 
-@pytest.mark.parametrize("protocol", ["native", "openai", "anthropic"])
+@pytest.mark.parametrize("protocol", ["native", "openai", "anthropic", "responses"])
 def test_tool_calls_in_every_protocol(server: RunningServer, protocol: str) -> None:
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     with Client(server.url, protocol=protocol) as client:  # type: ignore[arg-type]

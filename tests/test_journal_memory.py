@@ -93,3 +93,15 @@ async def test_snapshot_does_not_wait_and_delete_forgets_a_finished_stream() -> 
     with pytest.raises(StreamNotFound):  # gone, not expired
         await journal.snapshot("s1")
     assert journal.stats()["bytes"] == 0
+
+
+async def test_what_a_protocol_stores_with_a_stream_counts_toward_max_bytes() -> None:
+    journal = MemoryJournal(max_bytes=2_000)
+    stored = StreamMeta(id="big", model="m", protocol="x", created=0, render={"input": "x" * 1500})
+    await journal.create(stored)
+    await journal.append("big", StreamCompleted())
+    await journal.create(meta("next"))
+    await journal.append("next", TextDelta(text="y" * 600))
+    await journal.append("next", StreamCompleted())
+    with pytest.raises(StreamExpired):  # evicted: 1.5 KB of input plus the new events
+        await journal.meta("big")

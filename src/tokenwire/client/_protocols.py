@@ -5,6 +5,9 @@
   server (tokenwire, vLLM, llama.cpp, OpenAI …); chunks become events.
 - ``anthropic``: ``POST /v1/messages`` on any Anthropic Messages server; its event types
   (``message_start``, ``content_block_delta`` …) become events.
+- ``responses``: ``POST /v1/responses`` (OpenAI's Responses API) with ``stream: true``; its
+  events (``response.output_text.delta`` …) become events, and a cancelled response's
+  ``response.cancelled`` becomes ``stream.cancelled``.
 
 The decoding is the wire's codec (``tokenwire.codecs``), the same one the gateway uses on
 its upstreams. A mapper adds what only a reader of a whole stream needs, and knows nothing
@@ -24,6 +27,7 @@ from tokenwire.codecs import ServerSentEvent, WireDecoder, WireError
 from tokenwire.codecs import anthropic as anthropic_wire
 from tokenwire.codecs import native as native_wire
 from tokenwire.codecs import openai as openai_wire
+from tokenwire.codecs import openai_responses as responses_wire
 from tokenwire.errors import BackendError
 from tokenwire.events import Event, StreamFailed, StreamStarted
 
@@ -33,12 +37,13 @@ __all__ = [
     "NativeMapper",
     "OpenAIMapper",
     "ProtocolName",
+    "ResponsesMapper",
     "build_request",
     "mapper_for",
     "to_wire_messages",
 ]
 
-ProtocolName = Literal["native", "openai", "anthropic"]
+ProtocolName = Literal["native", "openai", "anthropic", "responses"]
 
 
 def to_wire_messages(messages: Iterable[Any]) -> list[dict[str, Any]]:
@@ -207,6 +212,27 @@ class AnthropicMapper(Mapper):
         return anthropic_wire.MessagesDecoder()
 
 
+class ResponsesMapper(Mapper):
+    protocol: ClassVar[ProtocolName] = "responses"
+    path: ClassVar[str] = "/v1" + responses_wire.PATH
+    announces: ClassVar[bool] = False
+
+    @staticmethod
+    def request_body(
+        model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Chat-shaped arguments as a Responses body (``codecs.openai_responses``)."""
+        return responses_wire.request_body(model, messages, params)
+
+    @staticmethod
+    def headers(api_key: str | None) -> dict[str, str]:
+        return openai_wire.auth_headers(api_key)
+
+    @staticmethod
+    def decoder() -> WireDecoder:
+        return responses_wire.ResponsesDecoder()
+
+
 def _anthropic_tool(tool: Any) -> Any:
     """OpenAI's ``{"type": "function", "function": {…}}`` in Anthropic's shape; others as is,
     so one ``tools=`` list works with every protocol."""
@@ -222,6 +248,7 @@ _MAPPERS: dict[str, type[Mapper]] = {
     "native": NativeMapper,
     "openai": OpenAIMapper,
     "anthropic": AnthropicMapper,
+    "responses": ResponsesMapper,
 }
 
 

@@ -8,8 +8,9 @@ appending task instead, and stays asleep while it takes them: the event reaches 
 with no loop step in between.
 
 Memory is bounded twice: by ``max_finished`` streams and by ``max_bytes`` of events (their
-JSON size). Either bound evicts finished streams, oldest first; streams still generating are
-never evicted (``max_stream_bytes`` in server/limits.py bounds each of those).
+JSON size) and of what protocols store with a stream (``StreamMeta.render``). Either bound
+evicts finished streams, oldest first; streams still generating are never evicted
+(``max_stream_bytes`` in server/limits.py bounds each of those).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+
+import orjson
 
 from tokenwire.errors import StreamExpired, StreamNotFound
 from tokenwire.events import Event
@@ -144,7 +147,11 @@ class MemoryJournal(Journal):
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # evicted ids, to answer 410
 
     async def create(self, meta: StreamMeta) -> None:
-        self._logs[meta.id] = _Log(meta)
+        log = self._logs[meta.id] = _Log(meta)
+        if self.max_bytes and meta.render:
+            # What a protocol stores with the stream (a Responses request's input) counts.
+            log.size = len(orjson.dumps(meta.render))
+            self._bytes += log.size
         self.evict()
 
     async def append(self, stream_id: str, event: Event) -> int:
