@@ -30,15 +30,18 @@ What a protocol declares (``WireProtocol``; see each attribute for details):
   ``x-vercel-ai-ui-message-stream: v1``), besides ``X-Stream-Id`` and the SSE headers.
 - ``id_prefix``: how the wire names a stream (``chatcmpl-``, ``msg_``, ``resp_``): ``public_id``
   and ``stream_id`` convert. A stream's position is the journal seq by default (SSE ``id:``,
-  ``Last-Event-ID`` or ``?after=N``: ``last_event_id``); a wire with its own cursor (the
-  Responses API's ``starting_after``) reads it in its own handler and renders with a
-  renderer that skips what the client has (pass it to ``Context.event_stream``).
+  ``Last-Event-ID`` or ``?after=N``: ``last_event_id``). A wire whose renderer numbers its
+  own payloads (the Responses API's ``sequence_number``: several wire events per journal
+  event, dense from 0) declares ``Renderer.position_key``: its positions are then the SSE
+  ``id:``\\ s and what ``after`` counts, on every route (its own cursor, ``starting_after``,
+  is read in its own handler and passed as ``after``).
 
 A frame's payload (what ``Renderer.render`` returns, one per SSE message): a dict (sent as
 compact JSON), ``bytes`` (JSON the renderer encoded itself, one line), or a ``str`` sent as is
 (a terminal sentinel such as OpenAI's ``[DONE]``: ``data: [DONE]``). Each message carries
-``id: <seq>`` of the event it came from, and ``event: <payload["type"]>`` when the renderer
-sets ``event_names``.
+``id: <seq>`` of the event it came from (or the payload's own position, see
+``Renderer.position_key``), and ``event: <payload["type"]>`` when the renderer sets
+``event_names``.
 
 A minimal protocol::
 
@@ -142,6 +145,12 @@ class Renderer(abc.ABC):
     #: The payloads depend on earlier events (Anthropic's block indices): a resume renders
     #: the stream from its start and sends only what follows the client's position.
     needs_history: ClassVar[bool] = False
+    #: Positions of the renderer's own, one per payload (the Responses API's
+    #: ``sequence_number``): each payload is a dict carrying its position under this key,
+    #: which becomes its SSE ``id:`` and is what ``after`` counts in ``event_stream``. Such
+    #: a renderer must be deterministic and set ``needs_history`` (a resume re-renders the
+    #: stream from its start and skips what the client has). None: journal seqs.
+    position_key: ClassVar[str | None] = None
 
     def __init__(self, meta: StreamMeta) -> None:
         self.meta = meta
@@ -215,10 +224,11 @@ class Context(Protocol):
         renderer: Renderer | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> EventSourceResponse:
-        """The stream as SSE from after seq ``after``: replay, then live, until its terminal
-        event; heartbeats, send timeouts and disconnects handled. Rendered by ``renderer``,
-        else by a new renderer of the protocol the stream was started in. Carries
-        ``X-Stream-Id``, the protocol's ``stream_headers`` and ``headers``."""
+        """The stream as SSE from after seq ``after`` (the renderer's own position when it
+        declares ``position_key``): replay, then live, until its terminal event;
+        heartbeats, send timeouts and disconnects handled. Rendered by ``renderer``, else by
+        a new renderer of the protocol the stream was started in. Carries ``X-Stream-Id``,
+        the protocol's ``stream_headers`` and ``headers``."""
 
     def stream_headers(self, meta: StreamMeta) -> dict[str, str]:
         """Headers a non-streaming answer about ``meta`` carries (``X-Stream-Id`` …)."""

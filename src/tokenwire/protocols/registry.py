@@ -8,7 +8,7 @@ Adding a protocol: write its module (protocols/base.py says what it declares), a
 
 from __future__ import annotations
 
-from tokenwire.protocols import anthropic_messages, native, openai_chat
+from tokenwire.protocols import anthropic_messages, native, openai_chat, openai_responses
 from tokenwire.protocols.base import WireProtocol
 
 __all__ = ["DEFAULT", "PROTOCOLS", "protocol_named"]
@@ -17,6 +17,7 @@ PROTOCOLS: tuple[WireProtocol, ...] = (
     openai_chat.PROTOCOL,
     anthropic_messages.PROTOCOL,
     native.Native(body=openai_chat.PROTOCOL),
+    openai_responses.PROTOCOL,
 )
 
 #: The error shape of routes no protocol owns.

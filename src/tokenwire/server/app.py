@@ -181,9 +181,22 @@ class Server:
         render = renderer.render
         encode = sse.encode
 
+        position_key = renderer.position_key
+
         def frame(batch: list[Event]) -> bytes:
             nonlocal retry_ms
             parts = []
+            if position_key is not None:  # the renderer numbers its payloads itself
+                for event in batch:
+                    for payload in render(event):
+                        assert isinstance(payload, Mapping)  # position_key: dict payloads
+                        position: int = payload[position_key]
+                        if position <= after:
+                            continue
+                        name = payload["type"] if named else None
+                        parts.append(encode(payload, id=position, event=name, retry_ms=retry_ms))
+                        retry_ms = None
+                return b"".join(parts)
             for event in batch:
                 payloads = render(event)
                 if not payloads or event.seq <= after:
