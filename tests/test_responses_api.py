@@ -543,6 +543,10 @@ def test_websocket_mode_with_the_sdk(server: RunningServer) -> None:
     async def run() -> tuple[list[Any], list[Any], list[Any]]:
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
         async with client.responses.connect() as connection:
+            await connection.response.create(model="default", input="x", background=True)
+            refused = await connection.recv()
+            assert refused.type == "error" and refused.status == 400  # type: ignore[union-attr]
+            assert refused.error.param == "background"  # type: ignore[union-attr]
             await connection.response.create(
                 model="default",
                 input="My name is Zanzibar. Say OK.",

@@ -27,7 +27,7 @@ from tokenwire.codecs import ServerSentEvent, WireDecoder, WireError
 from tokenwire.codecs import anthropic as anthropic_wire
 from tokenwire.codecs import native as native_wire
 from tokenwire.codecs import openai as openai_wire
-from tokenwire.codecs import openai_responses as responses_wire
+from tokenwire.codecs import responses as responses_wire
 from tokenwire.errors import BackendError
 from tokenwire.events import Event, StreamFailed, StreamStarted
 
@@ -221,7 +221,7 @@ class ResponsesMapper(Mapper):
     def request_body(
         model: str, messages: list[dict[str, Any]], params: dict[str, Any]
     ) -> dict[str, Any]:
-        """Chat-shaped arguments as a Responses body (``codecs.openai_responses``)."""
+        """Chat-shaped arguments as a Responses body (``codecs.responses``)."""
         return responses_wire.request_body(model, messages, params)
 
     @staticmethod

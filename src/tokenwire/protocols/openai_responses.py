@@ -1234,11 +1234,19 @@ class _Session:
 
     async def _relay(self, meta: StreamMeta, lane: Any) -> None:
         renderer = self.protocol.renderer(meta)
-        async for event in self.ctx.read(meta.id):
-            for payload in renderer.render(event):
-                if lane is not None:
-                    payload = {**payload, "stream_id": lane}  # type: ignore[dict-item]
-                await self.send(payload)
+        try:
+            async for event in self.ctx.read(meta.id):
+                for payload in renderer.render(event):
+                    if lane is not None:
+                        payload = {**payload, "stream_id": lane}  # type: ignore[dict-item]
+                    await self.send(payload)
+        except TokenwireError as exc:
+            await self.error(exc, lane)
+        except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+            # A client that stopped reading (send timeout) or left: end the connection,
+            # and with it this response (``close``).
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code=1011)
 
     async def close(self) -> None:
         """The connection is gone: a response still in flight stops (a foreground one)."""
