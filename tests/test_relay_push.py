@@ -24,7 +24,7 @@ import pytest
 
 from tests.fault_upstream import RunningFault, fault_upstream
 from tests.scripted import serve_app_in_thread
-from tokenwire.backends._upstream import UpstreamCall, UpstreamConfig
+from tokenwire.backends._upstream import Endpoint, UpstreamCall
 from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.backends.openai import OpenAIBackend
 from tokenwire.cancel import CancelToken
@@ -302,7 +302,7 @@ def upstream() -> Iterator[RunningFault]:
 
 
 def backend_for(upstream: RunningFault) -> OpenAIBackend:
-    return OpenAIBackend(UpstreamConfig(name="fault", url=upstream.url))
+    return OpenAIBackend(Endpoint(name="fault", url=upstream.url))
 
 
 async def call_with_sink(

@@ -1,11 +1,15 @@
-"""The gateway: upstream servers from ``--upstream`` and the TOML config, routing by model
-name, and failover.
+"""The gateway: upstream servers from ``--upstream`` and the TOML config, which of them
+serves which model name, and failover.
 
-``Gateway`` is one ``Backend`` in the router beside the embedded model. It serves every
-upstream's NAME, the models each lists at ``/v1/models`` (refreshed), the configured models
-and aliases. For a request it tries the upstreams that serve the model in order (priority,
-then config order; one that failed in the last ``cooldown`` seconds goes last), each with
-its retries, and promises:
+Everything about routing to upstreams lives here: their configuration
+(``UpstreamConfig``: an ``Endpoint`` to reach, plus how to route to it), the names each
+serves (its NAME, configured models, aliases, what its ``/v1/models`` lists, refreshed),
+aliases (the ``[aliases]`` table, then each upstream's, resolved in ``Gateway.plan`` only),
+retries and cooldown. The backends under it only open one call to one upstream.
+
+``Gateway`` is one ``Backend`` in the router beside the embedded model. For a request it
+tries the upstreams that serve the model in order (priority, then config order; one that
+failed in the last ``cooldown`` seconds goes last), each with its retries, and promises:
 
 - a failure before the first token (refused connection, 5xx, connect or first-token timeout,
   a body that dies before any token) fails over to the next upstream, invisibly: the client
@@ -25,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import fields
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from tokenwire.backends._upstream import UpstreamBackend, UpstreamCall, UpstreamConfig
+from tokenwire.backends._upstream import Endpoint, UpstreamBackend, UpstreamCall
 from tokenwire.backends.anthropic import AnthropicBackend
 from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.backends.openai import OpenAIBackend
@@ -41,7 +46,7 @@ from tokenwire.errors import (
     InvalidRequest,
     ModelNotFound,
 )
-from tokenwire.events import Event, Progress, Usage
+from tokenwire.events import Event, Progress
 from tokenwire.requests import ChatRequest
 from tokenwire.router import DEFAULT_MODEL, Router
 
@@ -59,6 +64,32 @@ BACKENDS: dict[str, type[UpstreamBackend]] = {
 #: and "every upstream is down" a clean 503, before any header goes out.
 ACCEPT_WAIT = 1.0
 
+
+@dataclass(slots=True, kw_only=True)
+class UpstreamConfig(Endpoint):
+    """One ``[upstreams.NAME]`` table: how to reach it (``Endpoint``), and how the gateway
+    routes to it (docs/configuration.md has the reference)."""
+
+    kind: str = "openai"  # openai | anthropic
+    #: Models this upstream serves besides its NAME and what its /v1/models lists.
+    models: list[str] = field(default_factory=list)
+    #: alias -> model name on this upstream.
+    aliases: dict[str, str] = field(default_factory=dict)
+    #: Model sent upstream when a request names the upstream itself (None: first listed).
+    default_model: str | None = None
+    #: Lower is tried first when several upstreams serve a model.
+    priority: int = 0
+    #: Extra attempts on this upstream before failing over to the next.
+    retries: int = 0
+    retry_backoff: float = 0.1
+    #: Ask the upstream's /v1/models at all (false: serve NAME, models and aliases only).
+    discover_models: bool = True
+    #: Seconds between /v1/models refreshes (0: never refresh, only at start).
+    refresh_models: float = 60.0
+    #: A failed upstream is tried last for this many seconds.
+    cooldown: float = 5.0
+
+
 _CONFIG_FIELDS = {f.name for f in fields(UpstreamConfig)}
 
 
@@ -75,29 +106,31 @@ def _parse_upstream_flag(flag: str) -> UpstreamConfig:
     return UpstreamConfig(name=name, url=url, kind=kind)
 
 
+def _table_config(name: str, table: Any, defaults: dict[str, Any]) -> UpstreamConfig:
+    if not isinstance(table, dict):
+        raise InvalidRequest(f"[upstreams.{name}] must be a table", param="config")
+    values = {**defaults, **{k.replace("-", "_"): v for k, v in table.items()}}
+    values["name"] = name
+    unknown = set(values) - _CONFIG_FIELDS
+    if unknown:
+        raise InvalidRequest(f"[upstreams.{name}]: unknown keys {sorted(unknown)}", param="config")
+    if "url" not in values:
+        raise InvalidRequest(f"[upstreams.{name}] needs url", param="config")
+    return UpstreamConfig(**values)
+
+
 def upstream_configs(settings: Settings) -> tuple[list[UpstreamConfig], dict[str, Any]]:
     """Upstreams from the TOML ``[upstreams.NAME]`` tables and the ``--upstream`` flags (a
     flag naming a configured upstream replaces its URL), and the ``[gateway]`` table."""
     extra = settings.extra
     defaults = dict(extra.get("gateway") or {})
     upstream_defaults = {k: v for k, v in defaults.items() if k in _CONFIG_FIELDS}
-    configs: dict[str, UpstreamConfig] = {}
     tables = extra.get("upstreams") or {}
     if isinstance(tables, list):  # [[upstreams]] arrays with name = "…"
         tables = {str(t.get("name")): t for t in tables if isinstance(t, dict)}
-    for name, table in tables.items():
-        if not isinstance(table, dict):
-            raise InvalidRequest(f"[upstreams.{name}] must be a table", param="config")
-        values = {**upstream_defaults, **{k.replace("-", "_"): v for k, v in table.items()}}
-        values["name"] = name
-        unknown = set(values) - _CONFIG_FIELDS
-        if unknown:
-            raise InvalidRequest(
-                f"[upstreams.{name}]: unknown keys {sorted(unknown)}", param="config"
-            )
-        if "url" not in values:
-            raise InvalidRequest(f"[upstreams.{name}] needs url", param="config")
-        configs[name] = UpstreamConfig(**values)
+    configs = {
+        name: _table_config(name, table, upstream_defaults) for name, table in tables.items()
+    }
     for flag in settings.upstream:
         parsed = _parse_upstream_flag(flag)
         if parsed.name in configs:
@@ -114,12 +147,85 @@ def upstream_configs(settings: Settings) -> tuple[list[UpstreamConfig], dict[str
     return list(configs.values()), defaults
 
 
+class Upstream:
+    """One upstream as the gateway routes to it: the names it serves (configured, aliased,
+    listed by its ``/v1/models``), the name each is sent as, and its cooldown."""
+
+    def __init__(self, config: UpstreamConfig, backend: UpstreamBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.name = config.name
+        self._discovered: list[str] = []
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._failed_at = -1e18
+
+    async def start(self) -> None:
+        if not self.config.discover_models:
+            return
+        await self.refresh_models()
+        if self.config.refresh_models > 0:
+            self._refresh_task = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh_task
+        await self.backend.close()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_models)
+            await self.refresh_models()
+
+    async def refresh_models(self) -> None:
+        """Ask the upstream's ``/models``; keep the last good list when it fails."""
+        names = await self.backend.list_models()
+        if names is not None:
+            self._discovered = names
+
+    async def ensure_models(self) -> None:
+        """List the upstream's models now if nothing tells what its NAME means (it was
+        down at start): the first request must not send the NAME as a model name."""
+        config = self.config
+        if config.discover_models and not (
+            config.default_model or config.models or self._discovered
+        ):
+            await self.refresh_models()
+
+    def model_names(self) -> list[str]:
+        config = self.config
+        return list(dict.fromkeys([self.name, *config.models, *self._discovered, *config.aliases]))
+
+    def sent_as(self, model: str) -> str | None:
+        """The name to send upstream for a request for ``model``; None: not served here."""
+        config = self.config
+        if model in config.aliases:
+            model = config.aliases[model]
+        elif not (model == self.name or model in config.models or model in self._discovered):
+            return None
+        if model == self.name:
+            return (
+                config.default_model
+                or next(iter(config.models), None)
+                or next(iter(self._discovered), None)
+                or model
+            )
+        return model
+
+    def mark_failed(self) -> None:
+        self._failed_at = time.monotonic()
+
+    def cooling_down(self) -> bool:
+        return time.monotonic() - self._failed_at < self.config.cooldown
+
+
 class Gateway(Backend):
     name = "gateway"
 
     def __init__(
         self,
-        upstreams: list[UpstreamBackend],
+        upstreams: list[Upstream],
         *,
         aliases: dict[str, str] | None = None,
         default: str | None = None,
@@ -135,11 +241,10 @@ class Gateway(Backend):
         configs, defaults = upstream_configs(settings)
         if not configs:
             return None
-        upstreams = [BACKENDS[c.kind](c) for c in configs]
-        aliases = {str(k): str(v) for k, v in (settings.extra.get("aliases") or {}).items()}
+        upstreams = [Upstream(c, BACKENDS[c.kind](c)) for c in configs]
         return cls(
             upstreams,
-            aliases=aliases,
+            aliases=global_aliases(settings),
             default=defaults.get("default"),
             accept_wait=float(defaults.get("accept_wait", ACCEPT_WAIT)),
         )
@@ -157,25 +262,25 @@ class Gateway(Backend):
     def models(self) -> list[ModelInfo]:
         seen: dict[str, ModelInfo] = {}
         for upstream in self.upstreams:
-            for info in upstream.models():
-                seen.setdefault(info.id, info)
+            for name in upstream.model_names():
+                seen.setdefault(name, ModelInfo(name, owned_by=upstream.name))
         for alias in self.aliases:
             seen.setdefault(alias, ModelInfo(alias, owned_by="gateway"))
         return list(seen.values())
 
-    def plan(self, model: str) -> list[tuple[UpstreamBackend, str]]:
-        """The upstreams to try for ``model``, in order, with the name each is asked for."""
+    def plan(self, model: str) -> list[tuple[Upstream, str]]:
+        """The upstreams to try for ``model``, in order, each with the name it is sent: the
+        one place aliases (the gateway's, then each upstream's) are resolved."""
         model = self.aliases.get(model, model)
         if model == DEFAULT_MODEL:
             model = self.default or self._by_priority(self.upstreams)[0].name
             model = self.aliases.get(model, model)
-        serving = [u for u in self.upstreams if u.serves(model)]
-        if not serving:
+        plan = [(u, sent) for u in self._by_priority(self.upstreams) if (sent := u.sent_as(model))]
+        if not plan:
             raise ModelNotFound(model)
-        # Each upstream maps the name (its NAME, its aliases) when the attempt opens.
-        return [(u, model) for u in self._by_priority(serving)]
+        return plan
 
-    def _by_priority(self, upstreams: list[UpstreamBackend]) -> list[UpstreamBackend]:
+    def _by_priority(self, upstreams: list[Upstream]) -> list[Upstream]:
         order = {id(u): i for i, u in enumerate(self.upstreams)}
         return sorted(upstreams, key=lambda u: (u.cooling_down(), u.config.priority, order[id(u)]))
 
@@ -190,43 +295,27 @@ class Gateway(Backend):
         self, request: ChatRequest, cancel: CancelToken, relay: _Relayed
     ) -> AsyncIterator[Event]:
         plan = self.plan(request.model)
-        loop = asyncio.get_running_loop()
-        accept_by = loop.time() + self.accept_wait
-        announced = False
+        accept_by: float | None = asyncio.get_running_loop().time() + self.accept_wait
         failures: list[BackendError] = []
         for upstream, model in plan:
-            for attempt in range(upstream.config.retries + 1):
+            config = upstream.config
+            for attempt in range(config.retries + 1):
                 if cancel.is_cancelled():
                     return
                 if attempt:
-                    await asyncio.sleep(upstream.config.retry_backoff * attempt)
-                await upstream.ensure_models()
-                call = relay.call = upstream.open(request, cancel, model)
+                    await asyncio.sleep(config.retry_backoff * attempt)
+                if model == upstream.name:
+                    await upstream.ensure_models()
+                    model = upstream.sent_as(model) or model
+                call = relay.call = upstream.backend.open(request, cancel, model)
                 if relay.sink is not None:
                     call.push_to(relay.sink)  # it pushes once relaying, past failover
                 try:
-                    if not announced:
-                        # Wait briefly for the first token: an upstream 4xx, or every
-                        # upstream failing fast, is then still a clean error response
-                        # instead of a started stream. A slower upstream starts the stream
-                        # with a progress event, so headers and heartbeats go out.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(max(accept_by - loop.time(), 0.0)):
-                                await asyncio.shield(call.ready)
-                        if cancel.is_cancelled():
-                            return
-                        announced = True
-                        if not call.ready.done():
-                            yield Progress(stage="connecting", message=f"upstream {upstream.name}")
-                    events = call.events()
-                    async for event in events:
-                        if isinstance(event, Usage) and event.ttft_ms is None:
-                            event.ttft_ms = call.ttft_ms
-                        if call.content_started:
-                            # No failover from here on: the reader takes the call's own
-                            # events (this generator waits at this yield until closed).
-                            relay.events = events
-                        yield event
+                    async with contextlib.aclosing(
+                        self._relay_call(call, upstream, accept_by, relay)
+                    ) as events:
+                        async for event in events:
+                            yield event
                     return
                 except BackendError as exc:
                     if call.content_started:
@@ -240,17 +329,49 @@ class Gateway(Backend):
                     )
                 finally:
                     await call.aclose()
-        if cancel.is_cancelled():
-            return
-        if not failures:
-            raise BackendUnavailable("no upstream answered", code="upstream_unreachable")
-        if len(failures) == 1:
-            raise failures[0]
-        last = failures[-1]
-        messages = "; ".join(f.message for f in failures)
-        raise type(last)(
-            f"every upstream failed before the first token: {messages}", code=last.code
-        )
+                accept_by = None  # announced: later attempts start no new wait
+        if not cancel.is_cancelled():
+            raise _failed(failures)
+
+    async def _relay_call(
+        self, call: UpstreamCall, upstream: Upstream, accept_by: float | None, relay: _Relayed
+    ) -> AsyncGenerator[Event, None]:
+        """One attempt's events. The first attempt waits briefly for the first token: an
+        upstream 4xx, or every upstream failing fast, is then still a clean error response
+        instead of a started stream; a slower upstream starts the stream with a progress
+        event, so headers and heartbeats go out."""
+        if accept_by is not None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(accept_by - loop.time(), 0.0)):
+                    await asyncio.shield(call.ready)
+            if call.cancel.is_cancelled():
+                return
+            if not call.ready.done():
+                yield Progress(stage="connecting", message=f"upstream {upstream.name}")
+        events = call.events()
+        async for event in events:
+            if call.content_started:
+                # No failover from here on: the reader takes the call's own events (this
+                # generator waits at this yield until closed).
+                relay.events = events
+            yield event
+
+
+def _failed(failures: list[BackendError]) -> BackendError:
+    """The error when every attempt failed before the first token."""
+    if not failures:
+        return BackendUnavailable("no upstream answered", code="upstream_unreachable")
+    if len(failures) == 1:
+        return failures[0]
+    last = failures[-1]
+    messages = "; ".join(f.message for f in failures)
+    return type(last)(f"every upstream failed before the first token: {messages}", code=last.code)
+
+
+def global_aliases(settings: Settings) -> dict[str, str]:
+    """The ``[aliases]`` table: names clients may use for a model or an upstream NAME."""
+    return {str(k): str(v) for k, v in (settings.extra.get("aliases") or {}).items()}
 
 
 class _Relayed(AsyncIterator[Event]):
@@ -306,6 +427,6 @@ def build_router(settings: Settings, embedded: Backend | None) -> Router:
         router = Router(gateway)
     else:
         router = Router(embedded, [gateway] if gateway is not None else [])
-    for alias, target in (settings.extra.get("aliases") or {}).items():
-        router.alias(str(alias), str(target))
+    for alias, target in global_aliases(settings).items():
+        router.alias(alias, target)  # only to pick the backend; the gateway resolves it
     return router
