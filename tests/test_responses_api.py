@@ -622,3 +622,11 @@ def test_through_an_upstream_and_a_failure_mid_stream(server: RunningServer) -> 
     assert "scripted failure" in failed.error.message
     assert failed.output_text == "Once upon"  # the partial output is kept
     assert whole.status_code == 502 and whole.headers["x-should-retry"] == "false"
+    # A guard that fires ends the response incomplete, for content_filter, text kept.
+    guarded = ScriptedBackend(pieces=["My number", " is 555-12-3456", " ok"])
+    with serve_app_in_thread(guarded, guard=[r"ssn=\d{3}-\d{2}-\d{4}"]) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        filtered = client.responses.create(model="scripted", input="hi")
+    assert filtered.status == "incomplete" and filtered.incomplete_details is not None
+    assert filtered.incomplete_details.reason == "content_filter"
+    assert filtered.output_text.startswith("My number") and "3456" not in filtered.output_text

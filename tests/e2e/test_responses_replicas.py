@@ -108,6 +108,21 @@ def test_background_on_a_resumed_and_polled_on_b_matches_a_seeded_run(cluster: C
     assert [e.sequence_number for e in events] == list(range(5, len(head)))
 
 
+def test_previous_response_id_on_the_other_replica(cluster: Cluster) -> None:
+    first = client(cluster.a.url).responses.create(
+        model="default", input="My name is Zanzibar. Say OK.", temperature=0, max_output_tokens=10
+    )
+    second = client(cluster.b.url).responses.create(
+        model="default",
+        previous_response_id=first.id,
+        input="What is my name?",
+        temperature=0,
+        max_output_tokens=20,
+    )
+    assert "Zanzibar" in second.output_text
+    assert client(cluster.b.url).responses.input_items.list(first.id).data
+
+
 @pytest.mark.timeout(300)
 def test_cancel_on_b_stops_a_and_ends_every_reader(cluster: Cluster) -> None:
     started = client(cluster.a.url).responses.create(
