@@ -4,12 +4,17 @@ and the disconnect policy."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import pytest
 
+from tokenwire.backends.base import PushSource
+from tokenwire.cancel import CancelToken
 from tokenwire.errors import InvalidRequest
-from tokenwire.events import Event
+from tokenwire.events import Event, Progress, StreamCompleted, TextDelta
 from tokenwire.journal import MemoryJournal
 from tokenwire.requests import ChatRequest, Message
 from tokenwire.router import Router
@@ -129,3 +134,79 @@ async def test_a_returning_reader_within_grace_keeps_the_stream_alive() -> None:
     events = await events_of(mgr, meta.id, after=last)
     assert events[0].seq == last + 1
     assert events[-1].type == "stream.completed"
+
+
+# -- the fast path (backends.base.PushSource) ------------------------------------------------
+
+
+class _Pushing:
+    """An event iterator that pushes: the minimal ``PushSource``."""
+
+    def __init__(self) -> None:
+        self.sink: Callable[[Event], bool] | None = None
+        self.pushed: list[bool] = []
+        self._events: list[Event] = [Progress(stage="prefill")]
+
+    def __aiter__(self) -> _Pushing:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._events:
+            return self._events.pop(0)
+        if self.sink is not None:  # the producer waits while the source pushes
+            self.pushed.append(self.sink(TextDelta(text="pushed")))
+            self.sink = None
+        return StreamCompleted()
+
+    def push_to(self, sink: Callable[[Event], bool]) -> None:
+        self.sink = sink
+
+
+class _PushingBackend(ScriptedBackend):
+    iterators: list[_Pushing]
+
+    def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:  # type: ignore[override]
+        if self.fail_before_first is not None:
+            raise self.fail_before_first  # before the iterator exists, not in its first step
+        self.iterators = [*getattr(self, "iterators", []), _Pushing()]
+        return self.iterators[-1]
+
+
+def _wrap(events: AsyncIterator[Event], request: ChatRequest, cancel: CancelToken) -> Any:
+    async def wrapped() -> AsyncIterator[Event]:
+        async for event in events:
+            yield event
+
+    return wrapped()
+
+
+def _passthrough(events: AsyncIterator[Event], request: ChatRequest, cancel: CancelToken) -> Any:
+    return events
+
+
+async def test_a_push_source_gets_the_sink_unless_a_stage_wraps_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = _PushingBackend()
+    assert isinstance(_Pushing(), PushSource)
+    direct = StreamManager(Router(backend), MemoryJournal(), stages=[_passthrough])
+    meta = await direct.start(request(), protocol="native")
+    assert types(await events_of(direct, meta.id))[-2:] == ["text.delta", "stream.completed"]
+    assert backend.iterators[-1].pushed == [True]  # journaled from the source's callback
+
+    wrapped = StreamManager(Router(backend), MemoryJournal(), stages=[_passthrough, _wrap])
+    with caplog.at_level(logging.DEBUG, logger="tokenwire.streams"):
+        meta = await wrapped.start(request(), protocol="native")
+        events = await events_of(wrapped, meta.id)
+    assert backend.iterators[-1].pushed == []  # never offered a sink
+    assert types(events) == ["stream.started", "progress", "stream.completed"]
+    assert "_wrap" in caplog.text and "no fast path" in caplog.text
+
+
+async def test_a_backend_that_raises_before_iterating_fails_the_start_not_hangs() -> None:
+    mgr = StreamManager(
+        Router(_PushingBackend(fail_before_first=InvalidRequest("no"))), MemoryJournal()
+    )
+    with anyio.fail_after(10), pytest.raises(InvalidRequest):
+        await mgr.start(request(), protocol="native")
+    assert mgr.active_streams == 0

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenwire.backends.base import Backend
+from tokenwire.backends.base import Backend, PushSource
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import RequestError, StreamHandedOver, StreamTooLarge, TokenwireError
 from tokenwire.events import (
@@ -255,9 +255,12 @@ class StreamManager:
     def _events(
         self, request: ChatRequest, backend: Backend, cancel: CancelToken
     ) -> AsyncIterator[Event]:
-        events = backend.stream(request, cancel)
+        events = source = backend.stream(request, cancel)
         for stage in self.stages:
             events = stage(events, request, cancel)
+            if events is not source and isinstance(source, PushSource):
+                log.debug("stage %r wraps a push source: no fast path for this stream", stage)
+                source = events
         return events
 
     async def _produce(
@@ -271,7 +274,12 @@ class StreamManager:
         cancel = producing.cancel
         if self.observer is not None:
             self.observer.stream_started(meta.id)  # TTFT counts from here
-        events = self._events(request, backend, cancel)
+        try:
+            events = self._events(request, backend, cancel)
+        except Exception as exc:  # a backend or stage that fails before it iterates
+            accepted.set_exception(exc)
+            await self._finish(meta.id, producing, accepted, None)
+            return
         terminal: Event | None = None
         try:
             try:
@@ -355,9 +363,11 @@ class StreamManager:
             self.max_stream_bytes,
             self.observer.event_appended if self.observer is not None else None,
         )
-        push_to = getattr(events, "push_to", None)  # None: not a push source, or wrapped
-        if push_to is not None and self.journal.appends_nowait:
-            push_to(appender.take)
+        if isinstance(events, PushSource):  # not when a stage wraps it (see ``_events``)
+            if self.journal.appends_nowait:
+                events.push_to(appender.take)
+            else:
+                log.debug("the journal cannot append without awaiting: no fast path")
         append = appender.append
         event = first
         while event is not None:

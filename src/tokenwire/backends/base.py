@@ -12,12 +12,20 @@ A backend turns a ``ChatRequest`` into events and never formats wire output. Its
 - Check ``cancel`` between tokens; once it is set, stop generating at once (close the
   upstream request, stop decoding) and return, optionally after a ``Usage`` event.
 
-The iterator may also offer ``push_to(sink)`` (``PushSource``): then it may hand events to
-``sink`` synchronously as they arrive (in the network callback) while its reader waits,
-instead of waking the reader for each. The stream manager offers a sink only when no stage
-wraps the iterator and the journal appends without awaiting; a sink that refuses an event
-(the terminal one, after Stop) ends pushing, and the iterator yields that event and
-everything after it as usual.
+The fast path (``PushSource``), the one place where a producer and a reader touch: the
+iterator ``stream`` returns may also implement ``push_to(sink)``. Given a sink, it may hand
+events to it synchronously as they arrive (in the network callback) while its reader waits,
+instead of waking the reader for each: the stream manager's sink journals the event there
+and then, and a reader following live writes it to its socket in the same callback
+(``Journal.read_batches(direct=…)``, ``transports.sse.DirectWrite``). A relayed chunk then
+costs no task switch at all (benchmarks/relay_overhead.py).
+
+The stream manager offers a sink only when no stage wraps the iterator (a stage must see
+every event; the manager logs at debug level which stage turned the fast path off) and the
+journal appends without awaiting (in-process journals). A sink that refuses an event (the
+terminal one, after Stop, past the size limit) ends pushing: the iterator yields that event
+and everything after it as usual. ``isinstance(iterator, PushSource)`` tells whether an
+iterator offers it.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tokenwire.cancel import CancelToken
 from tokenwire.events import Event
@@ -37,10 +45,14 @@ __all__ = ["Backend", "EventSink", "ModelInfo", "PushSource"]
 EventSink = Callable[[Event], bool]
 
 
+@runtime_checkable
 class PushSource(Protocol):
-    """An event iterator that can push (see the module docstring)."""
+    """An event iterator that can push its events to a sink (see the module docstring)."""
 
-    def push_to(self, sink: EventSink) -> None: ...
+    def push_to(self, sink: EventSink) -> None:
+        """From now on, hand each event to ``sink`` as it arrives instead of yielding it,
+        until ``sink`` refuses one (returns False); yield that one and the rest as usual.
+        Called at most once, by the stream manager, between two reads of the iterator."""
 
 
 @dataclass(slots=True, frozen=True)

@@ -40,7 +40,7 @@ import logging
 import math
 import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -74,8 +74,14 @@ DIRECT_WRITE_KEY = "tokenwire.direct_write"
 _T = TypeVar("_T")
 
 
+@runtime_checkable
 class DirectWrite(Protocol):
-    """A server's synchronous body write, for frames sent from outside the stream's task."""
+    """A server's synchronous body write, for frames sent from outside the stream's task.
+
+    The reader's half of the fast path (``backends.base.PushSource`` is the producer's): a
+    server offers one in the scope under ``DIRECT_WRITE_KEY`` (server/http.py does), and
+    ``EventSourceResponse.send_now`` uses it when nothing else is being sent.
+    """
 
     def ready(self) -> bool:
         """Whether a body chunk written now goes out at once (the response is started and
@@ -218,7 +224,8 @@ class StreamHandoff:
             stream = slot.pop()
             del scope[HANDOFF_KEY]
             # The server's own send: its direct write is the same channel.
-            await stream.stream(receive, send, scope.get(DIRECT_WRITE_KEY))
+            writer = scope.get(DIRECT_WRITE_KEY)
+            await stream.stream(receive, send, writer if isinstance(writer, DirectWrite) else None)
 
 
 class EventSourceResponse:
