@@ -25,7 +25,7 @@ It promises:
   connection, so the upstream stops generating; a complete answer's connection is drained
   in the background and goes back to the pool.
 
-Foreign exceptions (httpx) are translated here, at the edge.
+Foreign exceptions (httpx) are translated at this edge (``_http_errors.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
@@ -41,18 +40,12 @@ from typing import Any, Protocol
 import httpx
 import orjson
 
+from tokenwire.backends._http_errors import status_error, translate
 from tokenwire.backends._transport import direct_body
 from tokenwire.backends.base import EventSink
 from tokenwire.cancel import CancelToken
 from tokenwire.codecs import RawEvent, SSEDecoder, WireDecoder
-from tokenwire.errors import (
-    BackendError,
-    BackendProtocolError,
-    BackendTimeout,
-    BackendUnavailable,
-    InvalidRequest,
-    RequestError,
-)
+from tokenwire.errors import BackendError, BackendTimeout
 from tokenwire.events import (
     Event,
     StreamCompleted,
@@ -63,8 +56,6 @@ from tokenwire.events import (
 )
 
 __all__ = ["Phase", "UpstreamCall", "is_content"]
-
-log = logging.getLogger("tokenwire.backends.upstream")
 
 #: Events that mean the upstream has started answering; before one of them a failure is
 #: invisible to the client (the gateway fails over), after it the failure is the client's.
@@ -165,7 +156,7 @@ class UpstreamCall:
                 if decoder.done:
                     break  # later bytes are ignored
         except Exception as exc:
-            self._error = self._error or _translate(exc, self.backend.name)
+            self._error = self._error or translate(exc, self.backend.name)
         if events:
             if self.ttft_ms is None:
                 self._first_content(events)
@@ -182,7 +173,7 @@ class UpstreamCall:
             try:
                 events += self._decode_closing()
             except Exception as exc:
-                self._error = _translate(exc, self.backend.name)
+                self._error = translate(exc, self.backend.name)
         return events
 
     def _decode_closing(self) -> list[Event]:
@@ -236,7 +227,7 @@ class UpstreamCall:
         except asyncio.CancelledError:
             pass  # Stop or a timeout: whoever cancelled set the outcome
         except BaseException as exc:
-            self._error = _translate(exc, self.backend.name)
+            self._error = translate(exc, self.backend.name)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -264,14 +255,14 @@ class UpstreamCall:
         response = await self._send(url, body)
         if response.status_code in (400, 422):
             # An older server may refuse an optional field; the backend may drop it once.
-            error = await _status_error(backend.name, response)
+            error = await status_error(backend.name, response)
             body_again = backend.retry_body(body, error.message)
             if body_again is None:
                 raise error
             await response.aclose()
             response = await self._send(url, body_again)
         if response.status_code >= 300:
-            raise await _status_error(backend.name, response)
+            raise await status_error(backend.name, response)
         return response
 
     async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
@@ -404,7 +395,7 @@ class UpstreamCall:
             if not self._interrupted(task, cancelling):
                 raise  # not ours (shutdown)
         except Exception as exc:
-            self._error = self._error or _translate(exc, self.backend.name)
+            self._error = self._error or translate(exc, self.backend.name)
         finally:
             reader.push_to(None)
         for event in self._relay_over():
@@ -547,60 +538,3 @@ _DRAINING: set[asyncio.Task[Any]] = set()
 def _background(task: asyncio.Task[Any]) -> None:
     _DRAINING.add(task)
     task.add_done_callback(_DRAINING.discard)
-
-
-# -- foreign errors ----------------------------------------------------------------------
-
-
-async def _status_error(name: str, response: httpx.Response) -> BackendError | RequestError:
-    try:
-        body = (await response.aread())[:2000]
-    except httpx.HTTPError:
-        body = b""
-    detail = _error_message(body) or response.reason_phrase
-    status = response.status_code
-    message = f"upstream {name} answered {status}: {detail}"
-    # The client's fault: another upstream would refuse it too, so no failover.
-    if status in (400, 413, 422):
-        return InvalidRequest(message, code="upstream_rejected")
-    return BackendUnavailable(message, code=f"upstream_{status}")
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace").strip()[:500]
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    return body.decode("utf-8", "replace")[:500]
-
-
-def _translate(exc: BaseException, name: str) -> BaseException:
-    """httpx errors -> the tokenwire tree (our own errors pass through)."""
-    if isinstance(exc, BackendError | RequestError):
-        return exc
-    if isinstance(exc, httpx.TimeoutException):
-        error: BaseException = BackendTimeout(
-            f"upstream {name}: {type(exc).__name__}", code="upstream_timeout"
-        )
-    elif isinstance(exc, httpx.ConnectError):
-        error = BackendUnavailable(
-            f"upstream {name} is unreachable: {exc}", code="upstream_unreachable"
-        )
-    elif isinstance(exc, httpx.TransportError):
-        error = BackendUnavailable(
-            f"upstream {name} broke the connection: {type(exc).__name__} {exc}",
-            code="upstream_disconnected",
-        )
-    elif isinstance(exc, Exception):
-        log.exception("unexpected error reading upstream %s", name)
-        error = BackendProtocolError(f"upstream {name}: {type(exc).__name__}: {exc}")
-    else:
-        return exc
-    error.__cause__ = exc
-    return error
