@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from tokenwire.codecs.base import WireDecoder, WireError, load_object
+from tokenwire.codecs.base import ClientWire, WireDecoder, WireError, load_object
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import (
     Event,
@@ -39,11 +39,13 @@ from tokenwire.events import (
 from tokenwire.requests import ChatRequest
 
 __all__ = [
+    "CLIENT",
     "PATH",
     "STOP_REASONS",
     "VERSION",
     "MessagesDecoder",
     "auth_headers",
+    "client_body",
     "messages_body",
     "tool",
     "tool_choice",
@@ -270,3 +272,47 @@ class MessagesDecoder(WireDecoder):
             Usage(prompt_tokens=self._input_tokens, completion_tokens=self._output_tokens),
             StreamCompleted(finish_reason=STOP_REASONS.get(self._stop or "", "stop")),
         ]
+
+
+def client_body(
+    model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+) -> dict[str, Any]:
+    """A client's chat-shaped arguments in Anthropic's shape: system apart, ``stop`` as
+    ``stop_sequences``, OpenAI-style tools and tool choice mapped, no ``seed``."""
+    system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+    rest = [m for m in messages if m.get("role") != "system"]
+    params = dict(params)
+    body = {"model": model, "messages": rest, "max_tokens": params.pop("max_tokens", 1024)}
+    if system:
+        body["system"] = "\n\n".join(system)
+    stop = params.pop("stop", None)
+    if stop is not None:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    params.pop("seed", None)  # Anthropic has no seed
+    if params.get("tools"):
+        params["tools"] = [_chat_tool(tool) for tool in params["tools"]]
+    if "tool_choice" in params:
+        choice = tool_choice(params.pop("tool_choice"))
+        if choice is not None:
+            params["tool_choice"] = choice
+    body.update(params)
+    body["stream"] = True
+    return body
+
+
+def _chat_tool(chat_tool: Any) -> Any:
+    """OpenAI's ``{"type": "function", "function": {…}}`` in Anthropic's shape; others as is,
+    so one ``tools=`` list works with every protocol."""
+    if (
+        isinstance(chat_tool, Mapping)
+        and chat_tool.get("type") == "function"
+        and "function" in chat_tool
+    ):
+        function = chat_tool["function"]
+        return tool(function["name"], function.get("description", ""), function.get("parameters"))
+    return chat_tool
+
+
+CLIENT = ClientWire(
+    path="/v1" + PATH, request_body=client_body, auth_headers=auth_headers, decoder=MessagesDecoder
+)

@@ -15,6 +15,8 @@ numbers. It raises, never returns, a failure:
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,7 +24,7 @@ import orjson
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import Event, StreamStarted
 
-__all__ = ["WireDecoder", "WireError", "load_object"]
+__all__ = ["ClientWire", "WireDecoder", "WireError", "load_object"]
 
 
 class WireError(BackendUnavailable):
@@ -66,3 +68,24 @@ def load_object(data: bytes) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BackendProtocolError(f"malformed stream message: {data[:200]!r}")
     return value
+
+
+#: A client's request: ``(model, chat-shaped messages, other parameters)`` -> JSON body.
+RequestBody = Callable[[str, list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientWire:
+    """What a client needs to start a stream of one wire and read it (the Python client's
+    ``protocol=``): each codec module declares one as ``CLIENT``."""
+
+    #: Where a stream starts, from the server's root (``/v1/chat/completions``).
+    path: str
+    #: Chat-shaped arguments (what every client protocol takes) as this wire's body.
+    request_body: RequestBody
+    #: The wire's headers, with the API key if there is one.
+    auth_headers: Callable[[str | None], dict[str, str]]
+    #: A fresh decoder for one stream.
+    decoder: Callable[[], WireDecoder]
+    #: The wire sends tokenwire's own events (seq, ``stream.started``) rather than its own.
+    native: bool = False

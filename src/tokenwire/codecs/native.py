@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tokenwire.codecs.base import WireDecoder, WireError, load_object
+from tokenwire.codecs.base import ClientWire, WireDecoder, WireError, load_object
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import Event, StreamStarted, event_class
 
-__all__ = ["PATH", "EventDecoder", "auth_headers", "request_body"]
+__all__ = ["CLIENT", "PATH", "EventDecoder", "auth_headers", "request_body"]
 
 #: Where a stream starts.
 PATH = "/v1/streams"
@@ -65,3 +65,12 @@ class EventDecoder(WireDecoder):
                 "the stream ended before its terminal event", code="upstream_disconnected"
             )
         return []
+
+
+CLIENT = ClientWire(
+    path=PATH,
+    request_body=request_body,
+    auth_headers=auth_headers,
+    decoder=EventDecoder,
+    native=True,
+)

@@ -18,7 +18,7 @@ import secrets
 import time
 from typing import Any
 
-from tokenwire.codecs.base import WireDecoder, WireError, load_object
+from tokenwire.codecs.base import ClientWire, WireDecoder, WireError, load_object
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import (
     Event,
@@ -32,7 +32,15 @@ from tokenwire.events import (
 )
 from tokenwire.requests import ChatRequest
 
-__all__ = ["FINISH_REASONS", "PATH", "ChatDecoder", "auth_headers", "chat_body"]
+__all__ = [
+    "CLIENT",
+    "FINISH_REASONS",
+    "PATH",
+    "ChatDecoder",
+    "auth_headers",
+    "chat_body",
+    "client_body",
+]
 
 #: Where a stream starts, under a base URL ending in ``/v1``.
 PATH = "/chat/completions"
@@ -262,3 +270,17 @@ class ChatDecoder(WireDecoder):
         # finish_reason arrived but no [DONE]: some servers end the body there.
         self.done = True
         return self._close()
+
+
+def client_body(
+    model: str, messages: list[dict[str, Any]], params: dict[str, Any]
+) -> dict[str, Any]:
+    """A client's chat-shaped arguments, as they are, streaming with usage."""
+    body = {"model": model, "messages": messages, **params, "stream": True}
+    body.setdefault("stream_options", {"include_usage": True})
+    return body
+
+
+CLIENT = ClientWire(
+    path="/v1" + PATH, request_body=client_body, auth_headers=auth_headers, decoder=ChatDecoder
+)

@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from tokenwire.codecs.base import WireDecoder, WireError, load_object
+from tokenwire.codecs import openai
+from tokenwire.codecs.base import ClientWire, WireDecoder, WireError, load_object
 from tokenwire.errors import BackendProtocolError, BackendUnavailable
 from tokenwire.events import (
     Event,
@@ -33,7 +34,7 @@ from tokenwire.events import (
     Usage,
 )
 
-__all__ = ["PATH", "ResponsesDecoder", "request_body"]
+__all__ = ["CLIENT", "PATH", "ResponsesDecoder", "request_body"]
 
 #: Where a response starts, under a base URL ending in ``/v1``.
 PATH = "/responses"
@@ -210,3 +211,11 @@ class ResponsesDecoder(WireDecoder):
         if self.done:
             return []
         raise BackendUnavailable("the response ended before its terminal event")
+
+
+CLIENT = ClientWire(
+    path="/v1" + PATH,
+    request_body=request_body,
+    auth_headers=openai.auth_headers,
+    decoder=ResponsesDecoder,
+)
