@@ -514,7 +514,9 @@ def test_bad_requests_are_400s_the_sdk_does_not_retry(server: RunningServer) -> 
 
 @pytest.fixture(scope="module")
 def keyed_server() -> Iterator[RunningServer]:
-    with tokenwire_server("--disconnect-grace", "0", "--api-keys", "key-a,key-b") as running:
+    with tokenwire_server(
+        "--disconnect-grace", "0", "--api-keys", "key-a,key-b", "--stream-ttl", "3"
+    ) as running:  # fmt: skip
         yield running
 
 
@@ -534,6 +536,9 @@ def test_a_response_belongs_to_its_key(keyed_server: RunningServer) -> None:
         with pytest.raises(openai.NotFoundError):
             call()
     assert wait_status(a, mine.id, {"incomplete"}).output_text
+    time.sleep(3.5)  # past --stream-ttl: gone, and said the way OpenAI says it
+    with pytest.raises(openai.NotFoundError):
+        a.with_options(max_retries=0).responses.retrieve(mine.id)
 
 
 # -- WebSocket mode ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenwire.errors import (
     InvalidRequest,
+    StreamExpired,
     StreamNotFound,
     TokenwireError,
     error_from_dict,
@@ -997,7 +998,8 @@ class OpenAIResponses(WireProtocol):
         key's, another protocol's stream, one not stored unless it is ``unstored``)."""
         try:
             meta = await ctx.owned_meta(connection, self.stream_id(public_id))
-        except StreamNotFound as exc:
+        except (StreamNotFound, StreamExpired) as exc:
+            # Past its retention a response is gone, as OpenAI says it: 404 (not 410).
             raise _not_found(public_id) from exc
         if meta.protocol != self.name:
             raise _not_found(public_id)
