@@ -27,6 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenwire.errors import InvalidRequest, TokenwireError
 from tokenwire.events import (
     Event,
+    GuardTriggered,
+    JsonPartial,
+    Progress,
     StreamCancelled,
     StreamCompleted,
     StreamFailed,
@@ -35,6 +38,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.journal.base import StreamMeta
@@ -287,6 +291,8 @@ class Renderer(BaseRenderer):
     event_names = True
     #: Block indices depend on earlier events: a resume replays from the start.
     needs_history = True
+    #: Native-only detail: Anthropic's events have no place for these.
+    drops = frozenset({JsonPartial.type, Progress.type, ToolResult.type, GuardTriggered.type})
 
     def __init__(self, meta: StreamMeta) -> None:
         super().__init__(meta)
@@ -391,7 +397,7 @@ class Renderer(BaseRenderer):
                     },
                 }
             ]
-        return []  # progress, json.partial: native-only detail
+        return []  # ``drops``
 
 
 def aggregate(meta: StreamMeta, events: list[Event]) -> dict[str, Any] | TokenwireError:

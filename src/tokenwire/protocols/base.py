@@ -145,6 +145,11 @@ class Renderer(abc.ABC):
     #: The payloads depend on earlier events (Anthropic's block indices): a resume renders
     #: the stream from its start and sends only what follows the client's position.
     needs_history: ClassVar[bool] = False
+    #: Event types (``events.EVENT_TYPES`` names) this wire has no place for: it sends
+    #: nothing for them, on purpose. Every other type of the vocabulary changes what it sends
+    #: (tests/test_protocols.py checks each renderer against ``EVENT_TYPES`` both ways, so a
+    #: new event type is a decision for every wire, not a silent drop).
+    drops: ClassVar[frozenset[str]] = frozenset()
     #: Positions of the renderer's own, one per payload (the Responses API's
     #: ``sequence_number``): each payload is a dict carrying its position under this key,
     #: which becomes its SSE ``id:`` and is what ``after`` counts in ``event_stream``. Such

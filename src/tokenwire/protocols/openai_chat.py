@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tokenwire.errors import InvalidRequest, TokenwireError, error_from_dict
 from tokenwire.events import (
     Event,
+    GuardTriggered,
     JsonPartial,
+    Progress,
     StreamCancelled,
     StreamCompleted,
     StreamFailed,
@@ -32,6 +34,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.journal.base import StreamMeta
@@ -283,6 +286,17 @@ class Renderer(BaseRenderer):
     terminal event in the journal, after the finish chunk on the wire.
     """
 
+    #: Native-only detail: OpenAI's chunks have no place for these.
+    drops = frozenset(
+        {
+            JsonPartial.type,
+            Progress.type,
+            ToolCallCompleted.type,
+            ToolResult.type,
+            GuardTriggered.type,
+        }
+    )
+
     def __init__(self, meta: StreamMeta) -> None:
         super().__init__(meta)
         self.include_usage = bool(meta.render.get("include_usage"))
@@ -340,8 +354,7 @@ class Renderer(BaseRenderer):
         if isinstance(event, StreamFailed):
             # An output validation error names the JSON path where the output went wrong.
             return [{"error": {**event.error, "param": event.error.get("path")}}, DONE]
-        # progress, json.partial, tool_call.completed: native-only detail
-        return []
+        return []  # ``drops``
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:

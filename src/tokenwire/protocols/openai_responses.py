@@ -73,6 +73,9 @@ from tokenwire.errors import (
 )
 from tokenwire.events import (
     Event,
+    GuardTriggered,
+    JsonPartial,
+    Progress,
     StreamCancelled,
     StreamCompleted,
     StreamFailed,
@@ -81,6 +84,7 @@ from tokenwire.events import (
     ToolCallCompleted,
     ToolCallDelta,
     ToolCallStarted,
+    ToolResult,
     Usage,
 )
 from tokenwire.journal.base import StreamMeta
@@ -641,6 +645,8 @@ class ResponsesRenderer(Renderer):
     event_names = True
     needs_history = True
     position_key: ClassVar[str | None] = "sequence_number"
+    #: Native-only detail: the Responses API's events have no place for these.
+    drops = frozenset({Progress.type, JsonPartial.type, GuardTriggered.type, ToolResult.type})
 
     def __init__(self, meta: StreamMeta) -> None:
         super().__init__(meta)
@@ -886,7 +892,7 @@ class ResponsesRenderer(Renderer):
                 }
             )
             return [flat, *self._finish("failed")]
-        return []  # progress, json.partial, guard.triggered: native-only detail
+        return []  # ``drops``
 
 
 def snapshot(meta: StreamMeta, events: Sequence[Event]) -> ResponsesRenderer:

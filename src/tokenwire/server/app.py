@@ -11,7 +11,7 @@ import contextlib
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -49,7 +49,7 @@ from tokenwire.protocols.base import (
     SocketHandler,
     WireProtocol,
 )
-from tokenwire.protocols.registry import DEFAULT, PROTOCOLS, protocol_named
+from tokenwire.protocols.registry import PROTOCOLS
 from tokenwire.requests import ChatRequest, parse_coalesce
 from tokenwire.router import Router
 from tokenwire.server import openapi, ui
@@ -80,7 +80,7 @@ class _App(Starlette):
         return sse.StreamHandoff(super().build_middleware_stack())
 
 
-def error_response(exc: TokenwireError, protocol: WireProtocol = DEFAULT) -> Response:
+def error_response(exc: TokenwireError, protocol: WireProtocol) -> Response:
     headers = {}
     if isinstance(exc, Overloaded):
         headers["retry-after"] = str(max(1, round(exc.retry_after)))
@@ -91,9 +91,20 @@ class Server:
     """The app's state and the ``Context`` protocol handlers get; one per process."""
 
     def __init__(
-        self, settings: Settings, router: Router, manager: StreamManager, metrics: Metrics
+        self,
+        settings: Settings,
+        router: Router,
+        manager: StreamManager,
+        metrics: Metrics,
+        protocols: Sequence[WireProtocol],
     ) -> None:
         self.settings = settings
+        #: The protocols spoken, by name (a stream renders in the one it recorded).
+        self.protocols = {protocol.name: protocol for protocol in protocols}
+        if len(self.protocols) != len(protocols):
+            raise ValueError("two protocols share a name")
+        #: Its error shape answers for routes no protocol owns.
+        self.default = protocols[0]
         self.router = router
         self.manager = manager
         self.metrics = metrics
@@ -165,7 +176,7 @@ class Server:
         renderer: Renderer | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> sse.EventSourceResponse:
-        protocol = protocol_named(meta.protocol)
+        protocol = self.protocols[meta.protocol]
         if renderer is None:
             renderer = protocol.renderer(meta)
         named = renderer.event_names
@@ -350,7 +361,7 @@ def _protocol_routes(server: Server) -> list[tuple[BaseRoute, WireProtocol]]:
     """Every protocol's endpoints as Starlette routes, each with the protocol it belongs to."""
     context: Context = server  # mypy checks here that Server implements the Context
     routes: list[tuple[BaseRoute, WireProtocol]] = []
-    for protocol in PROTOCOLS:
+    for protocol in server.protocols.values():
         for endpoint in protocol.routes():
             route: BaseRoute
             if endpoint.method == "WEBSOCKET":
@@ -385,14 +396,16 @@ class _Owners:
         return partial
 
 
-def _http_error(owners: _Owners) -> Callable[[Request, Exception], Awaitable[Response]]:
+def _http_error(
+    owners: _Owners, default: WireProtocol
+) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handle(request: Request, exc: Exception) -> Response:
         """Unknown routes and methods answer in the owning protocol's error shape (the
         default protocol's where no protocol owns the path), not Starlette's text."""
         detail = getattr(exc, "detail", "error")
         message = f"{detail}: {request.method} {request.url.path}"
         error = MethodNotAllowed(message) if getattr(exc, "status_code", 0) == 405 else None
-        return error_response(error or RouteNotFound(message), owners(request.scope) or DEFAULT)
+        return error_response(error or RouteNotFound(message), owners(request.scope) or default)
 
     return handle
 
@@ -402,8 +415,10 @@ def create_app(
     *,
     backend: Backend | None = None,
     router: Router | None = None,
+    protocols: Sequence[WireProtocol] = PROTOCOLS,
 ) -> Starlette:
-    """The ASGI app. ``backend`` replaces the embedded model (tests, gateway-only)."""
+    """The ASGI app. ``backend`` replaces the embedded model (tests, gateway-only);
+    ``protocols`` the registry (``protocols/registry.py``)."""
     settings = settings or Settings()
     if router is None:
         from tokenwire.gateway import build_router
@@ -455,7 +470,7 @@ def create_app(
         queued=queued_in(router.backends),
         journal_stats=journal.stats,
     )
-    server = Server(settings, router, manager, metrics)
+    server = Server(settings, router, manager, metrics, protocols)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -483,7 +498,7 @@ def create_app(
     owners = _Owners(owned)
     routes: list[BaseRoute] = [
         *(route for route, _ in owned),
-        Route("/v1/models", _mapped(server.models, DEFAULT), methods=["GET"]),
+        Route("/v1/models", _mapped(server.models, server.default), methods=["GET"]),
         Route("/healthz", server.healthz, methods=["GET"]),
         Route("/metrics", server.metrics_page, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
@@ -496,10 +511,10 @@ def create_app(
         max_body_bytes=settings.max_body_bytes,
         metrics_auth=settings.metrics_auth,
         protocol_of=owners,
-        default=DEFAULT,
+        default=server.default,
         on_reject=lambda exc: metrics.request_error(exc.error_type),
     )
-    handle_http_error = _http_error(owners)
+    handle_http_error = _http_error(owners, server.default)
     app = _App(
         routes=routes,
         middleware=[gate],
@@ -507,5 +522,6 @@ def create_app(
         exception_handlers={404: handle_http_error, 405: handle_http_error},
     )
     app.state.server = server
+    app.state.protocols = tuple(protocols)
     app.state.metrics = metrics
     return app

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwire.protocols.base import Endpoint, WireProtocol
-from tokenwire.protocols.registry import DEFAULT, PROTOCOLS
+from tokenwire.protocols.registry import PROTOCOLS
 
 __all__ = ["document", "endpoint"]
 
@@ -70,12 +70,12 @@ def _body(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _error_schema(protocol: WireProtocol, schemas: dict[str, Any]) -> str:
+def _error_schema(protocol: WireProtocol, schemas: dict[str, Any], default: bool) -> str:
     """The component name of ``protocol``'s error shape (protocols sharing one share it)."""
     for name, schema in schemas.items():
         if name.endswith("Error") and schema == protocol.error_schema:
             return name
-    name = "Error" if protocol is DEFAULT else f"{type(protocol).__name__}Error"
+    name = "Error" if default else f"{type(protocol).__name__}Error"
     schemas[name] = dict(protocol.error_schema)
     return name
 
@@ -93,13 +93,14 @@ def _operation(
 
 
 @functools.cache
-def document() -> dict[str, Any]:
+def document(protocols: tuple[WireProtocol, ...] = PROTOCOLS) -> dict[str, Any]:
+    """The document of an app speaking ``protocols`` (by default the registry's)."""
     schemas: dict[str, Any] = {}
     security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
     paths: dict[str, dict[str, Any]] = {}
-    default_error = _error_schema(DEFAULT, schemas)
-    for protocol in PROTOCOLS:
-        error = _error_schema(protocol, schemas)
+    default_error = _error_schema(protocols[0], schemas, default=True)
+    for protocol in protocols:
+        error = _error_schema(protocol, schemas, default=False)
         for endpoint in protocol.routes():
             if endpoint.operation_id is None or endpoint.method == "WEBSOCKET":
                 continue
@@ -142,4 +143,5 @@ def document() -> dict[str, Any]:
 
 
 async def endpoint(request: Request) -> Response:
-    return Response(orjson.dumps(document()), media_type="application/json")
+    protocols = getattr(request.app.state, "protocols", PROTOCOLS)
+    return Response(orjson.dumps(document(protocols)), media_type="application/json")
