@@ -120,6 +120,11 @@ def test_renderer_numbers_densely_and_closes_items_in_order() -> None:
     assert final["usage"]["total_tokens"] == 16
     # The item announced by output_item.added is as it was then, not as it ended.
     assert payloads[2]["item"]["content"] == [] and payloads[2]["item"]["status"] == "in_progress"
+    # A second stream.started (a stream another replica took over) starts nothing new.
+    assert (
+        rendered(meta, [*events[:2], StreamStarted(id="abc", model="m", created=1)])[-1]["type"]
+        == "response.output_text.delta"
+    )
     # Rendering again (a resume, on any replica) gives the very same payloads.
     assert rendered(meta, events) == payloads
 

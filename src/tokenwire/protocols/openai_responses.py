@@ -816,6 +816,8 @@ class ResponsesRenderer(Renderer):
             )
             return out
         if isinstance(event, StreamStarted):
+            if self._started:
+                return []  # a stream taken over by another replica goes on: one response
             self._started = True
             created = self._lifecycle("response.created")
             self._status = "in_progress"
