@@ -27,8 +27,10 @@ class Settings:
     #: Jinja chat template overriding the GGUF's (a file path or the template itself).
     chat_template: str | None = None
     ctx: int = 4096
+    #: Threads for one-token steps; None: measured at load (backends/llamacpp/calibration.py).
     threads: int | None = None
-    #: Threads for steps of several tokens (batched decode, prefill); None: ``threads``.
+    #: Threads for steps of several tokens (batched decode, prefill); None: measured, or
+    #: ``threads`` when that is given.
     threads_batch: int | None = None
     #: Requests waiting for the embedded model beyond this answer 429.
     max_queue: int = 64

@@ -25,9 +25,13 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--model-name", help="name to list the embedded model under")
     parser.add_argument("--chat-template", help="Jinja chat template (file or text)")
     parser.add_argument("--ctx", type=int, help="context size of the embedded model")
-    parser.add_argument("--threads", type=int, help="one-token decode threads (cores - 1)")
     parser.add_argument(
-        "--threads-batch", type=int, help="threads for batched decode and prefill (= --threads)"
+        "--threads", type=int, help="one-token decode threads (default: measured at load)"
+    )
+    parser.add_argument(
+        "--threads-batch",
+        type=int,
+        help="threads for batched decode and prefill (default: measured, or --threads)",
     )
     parser.add_argument("--max-queue", type=int, help="queued requests before 429")
     parser.add_argument("--config", help="TOML config file")

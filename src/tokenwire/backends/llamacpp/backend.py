@@ -72,14 +72,10 @@ class LlamaCppBackend(Backend):
         self._model_name = model_name
         self._chat_template = chat_template
         self.n_ctx = n_ctx
-        # One core stays with the event loop (HTTP, SSE, JSON): ggml's worker threads spin
-        # at every barrier, and on a busy machine a second decode thread waiting for a
-        # descheduled peer made decoding ~10x slower (benchmarks/README.md).
-        self.n_threads = n_threads or max(1, (os.cpu_count() or 2) - 1)
-        # Steps of several tokens (batched decode, prefill) gain most from more threads, but
-        # only on cores nobody else needs: on a busy 2-core machine a 2-thread prefill ran
-        # 7-14x slower (benchmarks/README.md). Opt-in, like --threads.
-        self.n_threads_batch = n_threads_batch or self.n_threads
+        # None: measured at load (calibration.py), the flags override. One thread per core
+        # can win now that every computing call runs on the engine thread (engine.py).
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
         self.warmup = warmup
         self.parallel = max(1, parallel)
         self.prefill_chunk = prefill_chunk
@@ -129,7 +125,9 @@ class LlamaCppBackend(Backend):
 
         started = time.perf_counter()
         weights = self.model_path
-        weights = serving_weights(weights, self.requantize, threads=self.n_threads)
+        weights = serving_weights(
+            weights, self.requantize, threads=self.n_threads or os.cpu_count() or 1
+        )
         try:
             # This context only tokenizes: generation runs in the engine's batched context.
             self._llama = Llama(
@@ -171,9 +169,11 @@ class LlamaCppBackend(Backend):
             n_threads_batch=self.n_threads_batch,
             prompt_cache=self.prompt_cache,
         )
+        engine = self._engine
+        self.n_threads, self.n_threads_batch = engine.n_threads, engine.n_threads_batch
         log.info(
-            "embedded model %s (weights %s) loaded in %.1fs (ctx %d, %d parallel, %d/%d threads, "
-            "batched decode from %d streams)",
+            "embedded model %s (weights %s) loaded in %.1fs (ctx %d, %d parallel, %s/%s threads, "
+            "batched decode from %d streams; step seconds by threads at load: %s)",
             self.model_path.name,
             weights.name,
             time.perf_counter() - started,
@@ -181,7 +181,8 @@ class LlamaCppBackend(Backend):
             self.parallel,
             self.n_threads,
             self.n_threads_batch,
-            self._engine.split_below,
+            engine.split_below,
+            engine.thread_costs or "not measured (--threads)",
         )
 
     async def close(self) -> None:

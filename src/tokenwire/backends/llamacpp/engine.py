@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any
 
+from tokenwire.backends.llamacpp.calibration import pick_split, pick_threads, thread_candidates
 from tokenwire.backends.llamacpp.sampling import Sampling
 from tokenwire.backends.llamacpp.sequence import RELEASED, Finished, Sequence, deliver
 from tokenwire.errors import BackendError
@@ -56,8 +57,8 @@ class BatchEngine:
         n_parallel: int,
         n_ctx: int,
         prefill_chunk: int,
-        n_threads: int,
-        n_threads_batch: int,
+        n_threads: int | None,
+        n_threads_batch: int | None,
         prompt_cache: bool = True,
     ) -> None:
         import llama_cpp
@@ -79,9 +80,13 @@ class BatchEngine:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_batch
         params.n_seq_max = n_parallel
-        params.n_threads = n_threads
-        # llama.cpp uses n_threads for one-token steps, n_threads_batch for the rest.
-        params.n_threads_batch = n_threads_batch
+        # llama.cpp uses n_threads for one-token steps, n_threads_batch for the rest; None:
+        # measured at load on the engine thread (calibration.py).
+        self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
+        provisional = max(thread_candidates())
+        params.n_threads = n_threads or provisional
+        params.n_threads_batch = n_threads_batch or n_threads or provisional
         # One KV stream per sequence (not one unified pool): each sequence's cells stay
         # contiguous, as when it decodes alone, so batching does not change the float
         # summation order of attention and a seeded stream gives the same text batched or
@@ -124,9 +129,28 @@ class BatchEngine:
         self.steps_apart = 0  # decode steps run as one llama_decode per sequence
         self.prefix_copies = 0  # cached prefixes copied to another sequence id (_join)
         #: Decode-only steps of fewer sequences than this run one llama_decode per sequence.
-        self.split_below = self._calibrate()
+        self.split_below = n_parallel + 1
+        #: Each candidate's median step time at load (seconds), when threads were measured.
+        self.thread_costs: dict[str, dict[int, float]] = {}
+        # Every llama.cpp call that computes runs on this one thread, calibration included:
+        # ggml's OpenMP keeps a pool of workers per calling thread, and with more pooled
+        # threads than cores libgomp stops spinning at barriers and sleeps in futex at each
+        # one (~880 context switches per token at 2 threads; 28 tokens/s where one pool did
+        # ~70). See benchmarks/README.md, "Decode threads of the embedded model".
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tokenwire-decode", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        failed = self._startup_failure()
+        if failed is not None:
+            self._thread.join(timeout=30)
+            self._lib.llama_batch_free(self.batch)
+            self.context.close()
+            raise BackendError(f"calibrating the engine failed: {failed}") from failed
+
+    def _startup_failure(self) -> BaseException | None:
+        return self._failed
 
     @property
     def grammar_rejections(self) -> int:
@@ -164,6 +188,13 @@ class BatchEngine:
     # -- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._calibrate()
+        except Exception as exc:  # reported by __init__, on the caller's thread
+            self._failed = exc
+            return
+        finally:
+            self._ready.set()
         while True:
             with self._wake:
                 while not self._closing and not self._inbox and not self._active:
@@ -389,42 +420,52 @@ class BatchEngine:
         else:
             sequence.next_token = token
 
-    def _calibrate(self) -> int:
-        """The smallest number of sequences for which one batched decode step beats one
-        ``llama_decode`` per sequence on this machine and these weights.
+    def _calibrate(self) -> None:
+        """Measure, on this thread, what was not given: threads, then the batch split."""
+        lib, ctx = self._lib, self.context.ctx
+        threads = self.n_threads
+        if threads is None:
+            threads, self.thread_costs["decode"] = pick_threads(
+                lambda: self._throwaway(1, steps=4),
+                lambda n: lib.llama_set_n_threads(ctx, n, n),
+                thread_candidates(),
+            )
+            self.n_threads = threads
+        batch_threads = self.n_threads_batch
+        if batch_threads is None and self.thread_costs:
+            batch_threads, self.thread_costs["batch"] = pick_threads(
+                lambda: self._throwaway(self.prefill_chunk),
+                lambda n: lib.llama_set_n_threads(ctx, threads, n),
+                thread_candidates(),
+                rounds=3,
+            )
+        self.n_threads_batch = batch_threads or threads
+        lib.llama_set_n_threads(ctx, self.n_threads, self.n_threads_batch)
+        self.split_below = pick_split(self._throwaway, self.n_parallel)
 
-        Some ggml CPU kernels gain nothing from a few extra tokens: with Q8_0 weights a step of
-        2 tokens took 4x a step of 1 here, with Q4_1 2.6x (benchmarks/decode_kernels.py).
-        Measured once at load (best of 2, after a warm-up), on throwaway tokens at position 0.
-        """
+    def _throwaway(self, n: int, steps: int = 1) -> float:
+        """Seconds per step of ``n`` throwaway tokens (sequence ids 0..n-1, or one sequence
+        for ``n`` > ``n_parallel``) at the start of the cache; the cells are removed after."""
         batch = self.batch
-        sizes = [n for n in (1, 2, 4, 8) if n <= self.n_parallel]
-        if self.n_parallel not in sizes:
-            sizes.append(self.n_parallel)
-
-        def step(n: int) -> float:
+        elapsed = 0.0
+        for position in range(steps):
             for i in range(n):
                 batch.token[i] = self.filler_token
-                batch.pos[i] = 0
+                batch.pos[i] = position if n <= self.n_parallel else i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = i
-                batch.logits[i] = True
+                batch.seq_id[i][0] = i if n <= self.n_parallel else 0
+                batch.logits[i] = n <= self.n_parallel or i == n - 1
             batch.n_tokens = n
             started = time.perf_counter()
             status = self._lib.llama_decode(self.context.ctx, batch)
-            elapsed = time.perf_counter() - started
-            for i in range(n):
-                self._lib.llama_memory_seq_rm(self.memory, i, -1, -1)
+            elapsed += time.perf_counter() - started
             if status != 0:
-                raise BackendError(f"llama_decode returned {status}")
-            return elapsed
-
-        step(sizes[-1])  # warm-up: buffers, threads
-        cost = {n: min(step(n) for _ in range(2)) for n in sizes}
-        for n in sizes[1:]:
-            if cost[n] < n * cost[1]:
-                return n
-        return self.n_parallel + 1
+                break
+        for i in range(min(n, self.n_parallel)):
+            self._lib.llama_memory_seq_rm(self.memory, i, -1, -1)
+        if status != 0:
+            raise BackendError(f"llama_decode returned {status}")
+        return elapsed / steps
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
