@@ -50,10 +50,11 @@ test: install-dev system-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # LiteLLM's proxy, the relay benchmark's peer, in its own venv (its openai pin clashes with
-# the dev tools'); the list is pyproject's `bench` extra.
+# the dev tools'); llama.cpp's own C++ server (xllamacpp: a prebuilt wheel, no dependencies),
+# the embedded benchmark's peer. The list is pyproject's `bench` extra.
 .venv-bench/.installed:
 	$(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/pip install -q 'litellm[proxy]>=1.50' 'py-spy>=0.3'
+	.venv-bench/bin/pip install -q 'litellm[proxy]>=1.50' 'py-spy>=0.3' 'xllamacpp>=0.2'
 	@touch $@
 
 bench-env: .venv-bench/.installed
