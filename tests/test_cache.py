@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tokenwire.backends.base import Backend, ModelInfo
-from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
+from tokenwire.cache import ResponseCache
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import BackendError
 from tokenwire.events import Event, Progress, TextDelta
@@ -64,6 +64,8 @@ def test_identical_deterministic_request_is_a_replay_of_the_finished_stream() ->
         # The replayed stream is a real stream: resumable after any seq.
         resumed = httpx.get(f"{server.url}/v1/streams/{headers2['x-stream-id']}?after=3")
         assert resumed.status_code == 200 and "stream.completed" in resumed.text
+        # How it was answered is the stream's metadata: a resume says it too.
+        assert resumed.headers["x-tokenwire-cache"] == "hit"
         assert time.perf_counter() - started < 30
 
         # OpenAI non-streaming answer from the cache, header included.
@@ -160,11 +162,11 @@ async def test_paced_replay_keeps_the_original_timing_and_instant_does_not() -> 
         cache = ResponseCache(mode="deterministic", replay=replay)  # type: ignore[arg-type]
         manager = StreamManager(Router(backend), MemoryJournal(), stages=[cache.stage])
         chat = request(replay)
+        assert (found := cache.lookup(chat)) is not None and found.status == "miss"
         _, original_s = await run(manager, chat)
-        assert chat.extra[CACHE_STATUS_KEY] == "miss"
         again = request(replay)
+        assert (found := cache.lookup(again)) is not None and found.status == "hit"
         replayed, replay_s = await run(manager, again)
-        assert again.extra[CACHE_STATUS_KEY] == "hit"
         text = [e.text for e in replayed if isinstance(e, TextDelta)]
         assert text == ["a", "b", "c", "d", "e", "f"]
         assert [e.seq for e in replayed] == list(range(len(replayed)))

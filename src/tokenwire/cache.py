@@ -12,8 +12,12 @@ Promises:
   and ``max_events`` events (least recently used leave first);
 - mode ``off`` (the default) disables it, ``deterministic`` caches only temperature-0 or
   seeded requests, ``all`` also caches sampled ones (a replay is then one possible sample);
-- the request says how it was answered in ``request.extra["tokenwire_cache"]`` (``hit`` or
-  ``miss``), which the server sends as the ``X-Tokenwire-Cache`` header.
+- the lookup is a decision made once, before the stream starts (``lookup``): the server
+  makes it when it admits a request, records it as stream metadata (``StreamMeta.labels``
+  ``cache``: ``hit`` or ``miss``, sent as the ``X-Tokenwire-Cache`` header, on resumes
+  too) and hands it down to the stage with the request (``request.extra[CACHE_LOOKUP_KEY]``,
+  the same way protocols hand options to stages). Nothing flows back up through the request.
+  A stage with no decision handed down (a ``StreamManager`` used directly) looks up itself.
 
 The server runs it after the validating stages (tools, structured output, guards), so only a
 stream they let complete is stored and a hit skips them with the backend, and before the
@@ -39,21 +43,34 @@ from tokenwire.cancel import CancelToken
 from tokenwire.events import Event, Progress, StreamCompleted, Usage
 from tokenwire.requests import ChatRequest
 
-__all__ = ["CACHE_STATUS_KEY", "CacheMode", "ReplayMode", "ResponseCache"]
+__all__ = ["CACHE_LOOKUP_KEY", "CacheLookup", "CacheMode", "ReplayMode", "ResponseCache"]
 
 CacheMode = Literal["off", "deterministic", "all"]
 ReplayMode = Literal["instant", "paced"]
 
-#: Where the cache writes ``hit`` / ``miss`` on the request (read by the server for a header).
-CACHE_STATUS_KEY = "tokenwire_cache"
+#: Where the server hands its ``lookup`` (a ``CacheLookup`` or None) down to the stage.
+CACHE_LOOKUP_KEY = "tokenwire_cache"
 #: Request options that change delivery, not content: never part of the key.
-_DELIVERY_KEYS = frozenset({CACHE_STATUS_KEY, "coalesce"})
+_DELIVERY_KEYS = frozenset({CACHE_LOOKUP_KEY, "coalesce"})
 
 
 @dataclass(slots=True)
 class _Entry:
     events: list[tuple[float, Event]]  # (seconds since the request started, event)
     stored_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class CacheLookup:
+    """The answer for one cacheable request: its key, and the entry to replay (a hit) or
+    None (a miss: the stream is recorded under ``key``)."""
+
+    key: str
+    entry: _Entry | None
+
+    @property
+    def status(self) -> str:
+        return "hit" if self.entry is not None else "miss"
 
 
 class ResponseCache:
@@ -135,22 +152,31 @@ class ResponseCache:
 
     # -- the stage -------------------------------------------------------------------------
 
-    def stage(
-        self, events: AsyncIterator[Event], request: ChatRequest, cancel: CancelToken
-    ) -> AsyncIterator[Event]:
+    def lookup(self, request: ChatRequest) -> CacheLookup | None:
+        """Decide how ``request`` is answered: None when it is not cacheable, else its key
+        and the entry to replay, if any. Counted once (``on_lookup``)."""
         if not self.cacheable(request):
             if self.on_lookup is not None and self.mode != "off":
                 self.on_lookup("skip")
-            return events
+            return None
         key = self.key(request)
-        entry = self.get(key)
+        found = CacheLookup(key=key, entry=self.get(key))
         if self.on_lookup is not None:
-            self.on_lookup("hit" if entry is not None else "miss")
-        if entry is not None:
-            request.extra[CACHE_STATUS_KEY] = "hit"
-            return self._replay(entry, events, cancel)
-        request.extra[CACHE_STATUS_KEY] = "miss"
-        return self._record(key, events, cancel)
+            self.on_lookup(found.status)
+        return found
+
+    def stage(
+        self, events: AsyncIterator[Event], request: ChatRequest, cancel: CancelToken
+    ) -> AsyncIterator[Event]:
+        if CACHE_LOOKUP_KEY in request.extra:
+            found: CacheLookup | None = request.extra[CACHE_LOOKUP_KEY]
+        else:
+            found = self.lookup(request)
+        if found is None:
+            return events
+        if found.entry is not None:
+            return self._replay(found.entry, events, cancel)
+        return self._record(found.key, events, cancel)
 
     async def _record(
         self, key: str, events: AsyncIterator[Event], cancel: CancelToken

@@ -210,9 +210,11 @@ class StreamManager:
         owner: str | None = None,
         render: dict[str, Any] | None = None,
         background: bool = False,
+        labels: dict[str, str] | None = None,
     ) -> StreamMeta:
         """Start producing; returns once the backend accepted the request. A ``background``
-        stream keeps generating with no reader (only Stop ends it early).
+        stream keeps generating with no reader (only Stop ends it early). ``render`` and
+        ``labels`` are stored in its ``StreamMeta``.
 
         Raises the backend's ``RequestError`` (model not found, context too long, queue
         full) if it rejects the request before its first event.
@@ -225,6 +227,7 @@ class StreamManager:
             created=int(time.time()),
             owner=owner,
             render=dict(render or {}),
+            labels=dict(labels or {}),
         )
         producing = _Producing(cancel=CancelToken(), owner=owner, background=background)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()

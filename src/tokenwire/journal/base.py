@@ -52,6 +52,9 @@ class StreamMeta:
     owner: str | None = None
     #: Protocol options fixed at start (e.g. include_usage); stored so resumes render alike.
     render: dict[str, Any] = field(default_factory=dict)
+    #: What the server decided about the stream when it started it (``cache``: ``hit`` or
+    #: ``miss``); sent as response headers on every read of it.
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +64,7 @@ class StreamMeta:
             "created": self.created,
             "owner": self.owner,
             "render": self.render,
+            "labels": self.labels,
         }
 
     @classmethod

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Scope
 
 from tokenwire.backends.base import Backend
-from tokenwire.cache import CACHE_STATUS_KEY, ResponseCache
+from tokenwire.cache import CACHE_LOOKUP_KEY, ResponseCache
 from tokenwire.config import Settings
 from tokenwire.errors import (
     InvalidRequest,
@@ -97,6 +97,7 @@ class Server:
         manager: StreamManager,
         metrics: Metrics,
         protocols: Sequence[WireProtocol],
+        cache: ResponseCache | None = None,
     ) -> None:
         self.settings = settings
         #: The protocols spoken, by name (a stream renders in the one it recorded).
@@ -108,6 +109,7 @@ class Server:
         self.router = router
         self.manager = manager
         self.metrics = metrics
+        self.cache = cache
         self.send_timeout = settings.send_timeout
         self.drain = Drain(settings.drain_timeout)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
@@ -143,30 +145,41 @@ class Server:
             # The gate spent a token on the handshake; each stream a socket starts spends one.
             self.limiter.take(connection.scope.get(OWNER_KEY))
         owner = self.admit(connection, parsed.request)
+        labels: dict[str, str] = {}
+        if self.cache is not None:
+            # Decided here, once: recorded with the stream, handed down to the cache stage.
+            found = self.cache.lookup(parsed.request)
+            parsed.request.extra[CACHE_LOOKUP_KEY] = found
+            if found is not None:
+                labels["cache"] = found.status
         return await self.manager.start(
             parsed.request,
             protocol=protocol.name,
             owner=owner,
             render=parsed.render,
             background=parsed.background,
+            labels=labels,
         )
 
     async def create(self, protocol: WireProtocol, request: Request) -> Reply:
         parsed = protocol.parse(await self.read_json(request))
         meta = await self.start(protocol, parsed, request)
-        cache = _cache_header(parsed.request)
         if parsed.stream:
-            return self.event_stream(meta, headers=cache)
+            return self.event_stream(meta)
         events = await self.collect(meta, request)
         if events is None:
             return Response(status_code=499)
         body = protocol.aggregate(meta, events)
         if isinstance(body, TokenwireError):
             return error_response(body, protocol)
-        return JSONResponse(body, headers={**self.stream_headers(meta), **cache})
+        return JSONResponse(body, headers=self.stream_headers(meta))
 
     def stream_headers(self, meta: StreamMeta) -> dict[str, str]:
-        return {"x-stream-id": meta.id}
+        headers = {"x-stream-id": meta.id}
+        cache = meta.labels.get("cache")
+        if cache is not None:
+            headers["x-tokenwire-cache"] = cache
+        return headers
 
     def event_stream(
         self,
@@ -335,11 +348,6 @@ class Server:
         return JSONResponse({"status": "ok", "active_streams": self.manager.active_streams})
 
 
-def _cache_header(chat: ChatRequest) -> dict[str, str]:
-    status = chat.extra.get(CACHE_STATUS_KEY)
-    return {"x-tokenwire-cache": status} if status else {}
-
-
 def _mapped(
     method: Callable[[Request], Awaitable[Reply]], protocol: WireProtocol
 ) -> Callable[[Request], Awaitable[Reply]]:
@@ -444,6 +452,7 @@ def create_app(
     stages: list[Stage] = []
     # Tool calls, server-side tools, structured output, guards (pipeline.py).
     stages.extend(build_stages(settings, router))
+    cache: ResponseCache | None = None
     if settings.cache != "off":
         cache = ResponseCache(
             mode=settings.cache,  # type: ignore[arg-type]
@@ -470,7 +479,7 @@ def create_app(
         queued=queued_in(router.backends),
         journal_stats=journal.stats,
     )
-    server = Server(settings, router, manager, metrics, protocols)
+    server = Server(settings, router, manager, metrics, protocols, cache)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
