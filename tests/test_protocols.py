@@ -213,17 +213,19 @@ class Toy(WireProtocol):
     async def chat(self, ctx: Context, request: Request) -> Reply:
         parsed = self.parse(await ctx.read_json(request))
         meta = await ctx.start(self, parsed, request)
-        await ctx.name_stream(f"toy:{parsed.render['chat']}", meta.id)
+        await ctx.name_stream(request, f"toy:{parsed.render['chat']}", meta.id)
         return ctx.event_stream(meta)
 
     async def resume(self, ctx: Context, request: Request) -> Reply:
-        stream_id = await ctx.named_stream(f"toy:{request.path_params['chat']}")
+        chat = f"toy:{request.path_params['chat']}"
+        stream_id = await ctx.named_stream(request, chat, running=False)
         if stream_id is None:
             return Response(status_code=204)
         return await ctx.resume(request, stream_id)
 
     async def stop(self, ctx: Context, request: Request) -> Reply:
-        stream_id = await ctx.named_stream(f"toy:{request.path_params['chat']}")
+        chat = f"toy:{request.path_params['chat']}"
+        stream_id = await ctx.named_stream(request, chat, running=False)
         if stream_id is None:
             raise StreamNotFound("no such chat")
         await ctx.owned_meta(request, stream_id)

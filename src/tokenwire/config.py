@@ -78,6 +78,10 @@ class Settings:
     cache_replay: str = "instant"
     #: Default delta coalescing: off, word, line, or a max delay in ms ("50ms").
     coalesce: str = "off"
+    #: Where the AI SDK's ``useChat`` backend answers (POST; ``/{id}/stream``, ``/{id}/stop``).
+    ui_chat_path: str = "/api/chat"
+    #: The AI SDK major whose UI message chunks it sends by default (5, 6, 7; docs/ai-sdk.md).
+    ui_chat_version: int = 6
     # -- hardening (server/auth.py, server/limits.py, docs/guarantees.md) --
     #: API keys (env: comma-separated). None of them: the server is open (loopback by default).
     api_keys: list[str] = field(default_factory=list)

@@ -189,6 +189,10 @@ class StreamManager:
     def active_streams(self) -> int:
         return len(self._producing)
 
+    def is_producing(self, stream_id: str) -> bool:
+        """Whether this process is generating ``stream_id`` right now."""
+        return stream_id in self._producing
+
     def active_streams_of(self, owner: str | None) -> int:
         """Streams this process is generating for ``owner`` (per-key concurrency limit)."""
         return sum(1 for p in self._producing.values() if p.owner == owner)

@@ -86,6 +86,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--guard-predicate", action="append", help="module:attr predicate guard (repeatable)"
     )
+    parser.add_argument(
+        "--ui-chat-path", help="the AI SDK useChat backend's path (/api/chat; docs/ai-sdk.md)"
+    )
+    parser.add_argument(
+        "--ui-chat-version", type=int, help="AI SDK major whose chunks it speaks: 5, 6 (default), 7"
+    )
     hardening = parser.add_argument_group("keys and limits (docs/guarantees.md)")
     hardening.add_argument(
         "--api-keys", help="comma-separated API keys (env TOKENWIRE_API_KEYS); none: open"

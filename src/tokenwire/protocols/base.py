@@ -82,6 +82,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
+from tokenwire.config import Settings
 from tokenwire.errors import InvalidRequest, TokenwireError
 from tokenwire.events import Event
 from tokenwire.journal.base import StreamMeta
@@ -264,14 +265,18 @@ class Context(Protocol):
         """Stop the stream wherever it runs (any replica); idempotent. Check ownership first
         (``owned_meta``)."""
 
-    async def name_stream(self, name: str, stream_id: str) -> None:
+    async def name_stream(self, connection: HTTPConnection, name: str, stream_id: str) -> None:
         """Remember ``stream_id`` under a wire's own name for it (the UI message stream's
-        chat id), on every replica, while the stream is retained; a later name replaces an
-        earlier one."""
+        chat id), for the API key of ``connection`` (names of different keys never meet),
+        on every replica sharing the journal; a later name replaces an earlier one. Kept while
+        the stream is retained (``--stream-ttl`` after its end)."""
 
-    async def named_stream(self, name: str) -> str | None:
-        """The stream last named ``name``, or None. It may have ended (its last
-        ``snapshot`` event is then terminal); check ownership with ``owned_meta``."""
+    async def named_stream(
+        self, connection: HTTPConnection, name: str, *, running: bool = True
+    ) -> str | None:
+        """The stream id this key last named ``name``: while it still runs (``running``,
+        on any replica), or while it is retained (``running=False``); else None. Check
+        ownership with ``owned_meta`` as for any id."""
 
     def error_response(self, protocol: WireProtocol, exc: TokenwireError) -> Response:
         """``exc`` as a response in ``protocol``'s error shape (status, ``Retry-After``)."""
@@ -315,6 +320,11 @@ class WireProtocol(abc.ABC):
     async def create(self, ctx: Context, request: Request) -> Reply:
         """The usual start route's handler (``Context.create``)."""
         return await ctx.create(self, request)
+
+    def configured(self, settings: Settings) -> WireProtocol:
+        """This protocol with the server's settings applied (a path, a default), for one
+        app; the registry keeps the unconfigured singletons. Most protocols have none."""
+        return self
 
     def public_id(self, stream_id: str) -> str:
         return self.id_prefix + stream_id

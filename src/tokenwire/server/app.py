@@ -38,6 +38,7 @@ from tokenwire.errors import (
 from tokenwire.events import Event
 from tokenwire.journal import open_journal
 from tokenwire.journal.base import StreamMeta
+from tokenwire.journal.control import ProducerState
 from tokenwire.pipeline import build_stages
 from tokenwire.protocols.base import (
     Context,
@@ -113,6 +114,7 @@ class Server:
         self.send_timeout = settings.send_timeout
         self.drain = Drain(settings.drain_timeout)
         self.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
+        #: Stream names (``name_stream``) when nothing is shared (else the control plane).
         self._names: dict[str, str] = {}
 
     # -- the Context (protocols/base.py) -----------------------------------------------------
@@ -302,21 +304,35 @@ class Server:
     async def cancel(self, stream_id: str, reason: str = "stop") -> None:
         await self.manager.cancel(stream_id, reason)
 
-    async def name_stream(self, name: str, stream_id: str) -> None:
+    def _scoped(self, connection: HTTPConnection, name: str) -> str:
+        # Names are per key, like streams: another key's chat id is another chat.
+        return f"{connection.scope.get(OWNER_KEY) or '-'}:{name}"
+
+    async def name_stream(self, connection: HTTPConnection, name: str, stream_id: str) -> None:
+        key = self._scoped(connection, name)
         control = self.manager.control
         if control.shared:
-            await control.name_stream(name, stream_id)
+            await control.name_stream(key, stream_id)
             return
         # Nothing shared: this process keeps the names, a bounded number of them.
-        self._names.pop(name, None)
-        self._names[name] = stream_id
+        self._names.pop(key, None)
+        self._names[key] = stream_id
         while len(self._names) > _MAX_LOCAL_NAMES:
             del self._names[next(iter(self._names))]
 
-    async def named_stream(self, name: str) -> str | None:
+    async def named_stream(
+        self, connection: HTTPConnection, name: str, *, running: bool = True
+    ) -> str | None:
+        key = self._scoped(connection, name)
         control = self.manager.control
-        stream_id = await control.named_stream(name) if control.shared else self._names.get(name)
+        stream_id = await control.named_stream(key) if control.shared else self._names.get(key)
         if stream_id is None:
+            return None
+        if running:
+            if self.manager.is_producing(stream_id):
+                return stream_id
+            if control.shared and await control.end_if_orphaned(stream_id) == ProducerState.ALIVE:
+                return stream_id  # produced on another replica
             return None
         try:
             await self.manager.meta(stream_id)
@@ -479,6 +495,8 @@ def create_app(
         queued=queued_in(router.backends),
         journal_stats=journal.stats,
     )
+    # Each protocol with this app's settings applied (a path, a default).
+    protocols = tuple(protocol.configured(settings) for protocol in protocols)
     server = Server(settings, router, manager, metrics, protocols, cache)
 
     @asynccontextmanager
