@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev system-deps serve test lint unasync bench bench-env clean
+.PHONY: install install-dev system-deps node-deps serve test lint unasync bench bench-env clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ install-dev: $(VENV)/.installed-dev
 system-deps:
 	@scripts/install-system-deps.sh
 
+# The AI SDK (ai@6, ai@7 …) pinned by tests/node/package-lock.json, for the useChat tests.
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node-deps: tests/node/node_modules/.installed
+
 serve: install
 	$(VENV)/bin/tokenwire serve --host $(HOST) --port $(PORT)
 
@@ -46,7 +53,7 @@ lint: install-dev
 unasync: install-dev
 	$(PY) scripts/unasync.py
 
-test: install-dev system-deps lint
+test: install-dev system-deps node-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # LiteLLM's proxy, the relay benchmark's peer, in its own venv (its openai pin clashes with

@@ -9,6 +9,8 @@ command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+# Node and npm run the AI SDK's own client in tests/test_ui_message_stream.py (make node-deps).
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 # Fonts for the web UI's browser-test screenshots (chromium pulls none by itself).
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ "${#need[@]}" -eq 0 ]; then

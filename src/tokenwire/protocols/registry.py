@@ -8,7 +8,13 @@ Adding a protocol: write its module (protocols/base.py says what it declares), a
 
 from __future__ import annotations
 
-from tokenwire.protocols import anthropic_messages, native, openai_chat, openai_responses
+from tokenwire.protocols import (
+    anthropic_messages,
+    native,
+    openai_chat,
+    openai_responses,
+    ui_message_stream,
+)
 from tokenwire.protocols.base import WireProtocol
 
 __all__ = ["PROTOCOLS"]
@@ -18,4 +24,5 @@ PROTOCOLS: tuple[WireProtocol, ...] = (
     anthropic_messages.PROTOCOL,
     native.Native(body=openai_chat.PROTOCOL),
     openai_responses.PROTOCOL,
+    ui_message_stream.PROTOCOL,
 )
