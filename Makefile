@@ -58,13 +58,23 @@ test: install-dev system-deps node-deps lint
 
 # LiteLLM's proxy, the relay benchmark's peer, in its own venv (its openai pin clashes with
 # the dev tools'); llama.cpp's own C++ server (xllamacpp: a prebuilt wheel, no dependencies),
-# the embedded benchmark's peer. The list is pyproject's `bench` extra.
+# the embedded benchmark's peer. The list is pyproject's `bench` extra. Portkey's gateway
+# (npm), the relay benchmark's other peer, beside it when node is there
+# (benchmarks/relay_overhead.py says whether it relays).
+PORTKEY_VERSION := 1.15.2
 .venv-bench/.installed:
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install -q 'litellm[proxy]>=1.50' 'py-spy>=0.3' 'xllamacpp>=0.2'
 	@touch $@
 
-bench-env: .venv-bench/.installed
+.venv-bench/node/.installed: | .venv-bench/.installed
+	@if command -v npm >/dev/null 2>&1; then \
+	  mkdir -p .venv-bench/node && cd .venv-bench/node && \
+	  npm install -q --no-audit --no-fund --ignore-scripts \
+	    @portkey-ai/gateway@$(PORTKEY_VERSION) >/dev/null && touch .installed; \
+	else echo "npm not found: the relay benchmark runs without Portkey's gateway"; fi
+
+bench-env: .venv-bench/.installed .venv-bench/node/.installed
 
 bench: install-dev system-deps bench-env
 	$(PY) benchmarks/run_all.py

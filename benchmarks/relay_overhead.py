@@ -425,7 +425,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not litellm:
         left_out["litellm"] = "not installed (make bench-env)"
     if not portkey:
-        left_out["portkey"] = "not installed (make bench-env; needs node)"
+        left_out["portkey"] = (
+            f"not installed (make bench-env: @portkey-ai/gateway@{PORTKEY_VERSION}; needs node)"
+        )
     if not use_nginx:
         left_out["nginx"] = "not installed (scripts/install-system-deps.sh)"
     targets: dict[str, Target] = {"direct": Target(up_port)}
