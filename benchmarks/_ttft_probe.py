@@ -113,11 +113,12 @@ def install() -> None:
     proto.data_received = before("request bytes arrive", proto.data_received)  # type: ignore[method-assign]
     proto.on_headers_complete = after("request head parsed", proto.on_headers_complete)  # type: ignore[method-assign]
     server = app.Server
-    server.chat_completions = around_async(  # type: ignore[method-assign]
-        "handler called (routing, middleware)", None, server.chat_completions
+    server.create = around_async(  # type: ignore[method-assign]
+        "handler called (routing, middleware)", None, server.create
     )
-    app.read_json = around_async(None, "body read", app.read_json)
-    openai_chat.parse = after("parsed (ChatRequest)", openai_chat.parse)
+    server.read_json = around_async(None, "body read", server.read_json)  # type: ignore[method-assign]
+    chat = openai_chat.OpenAIChat
+    chat.parse = after("parsed (ChatRequest)", chat.parse)  # type: ignore[method-assign]
     server.admit = after("admitted", server.admit)  # type: ignore[method-assign]
     StreamManager.start = around_async(  # type: ignore[method-assign]
         "manager.start", "manager.start returned (handler resumes)", StreamManager.start
