@@ -137,31 +137,6 @@ def _batching(d: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _embedded(d: dict[str, Any]) -> list[dict[str, Any]]:
-    r = d.get("ratios", {})
-    return [
-        headline(
-            "engine",
-            "tokenwire's tokens/s ÷ llama-cpp-python's server, 1 stream",
-            r.get("tokens_per_s_vs_peer"),
-            goal=1.0,
-        ),
-        headline(
-            "engine",
-            "tokenwire's time to first token ÷ llama-cpp-python's server, p50",
-            r.get("ttft_p50_vs_peer"),
-            better="lower",
-            goal=1.0,
-        ),
-        headline(
-            "engine",
-            "tokenwire's aggregate tokens/s ÷ llama-cpp-python's server, 8 concurrent streams",
-            r.get("concurrent_tokens_per_s_vs_peer"),
-            goal=1.0,
-        ),
-    ]
-
-
 def _decode(d: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [row for row in d.get("rows", []) if "auto" in str(row.get("weights"))]
     return [
@@ -271,7 +246,6 @@ def _asgi(d: dict[str, Any]) -> list[dict[str, Any]]:
 #: Figures read from the JSON of scripts that do not list their own ``headlines``.
 LEGACY: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
     "batching": _batching,
-    "embedded_vs_llamacpp": _embedded,
     "decode_kernels": _decode,
     "cache_ttft": _cache,
     "resume_latency": _resume,
