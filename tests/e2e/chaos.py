@@ -162,11 +162,15 @@ class Replica:
 def cluster(settings: ChaosSettings) -> Iterator[tuple[Sentinel, list[Replica], str, str]]:
     """Sentinel-managed Redis, a scripted upstream, three replicas, nginx in front."""
     with ExitStack() as stack:
-        # AOF on both: a restarted Redis comes back with its data, as Redis's own docs ask
-        # of a master that restarts by itself (an empty master that restarts faster than the
-        # sentinel's down-after wipes its replica too; tests/e2e/test_redis_outages.py covers
-        # an empty restart without Sentinel).
-        sentinel = stack.enter_context(redis_sentinel(durable=True))
+        # As Redis's docs advise for Sentinel: AOF on both, so a restarted Redis comes back
+        # with its data (an empty master that restarts faster than the sentinel's down-after
+        # wipes its replica too; tests/e2e/test_redis_outages.py covers an empty restart
+        # without Sentinel), and min-replicas-to-write, so a master cut off from its replica
+        # (a split brain while a restart races a failover) refuses writes instead of taking
+        # ones the failover will drop. Refused writes are an outage the producers ride out.
+        sentinel = stack.enter_context(
+            redis_sentinel(durable=True, **{"min-replicas-to-write": 1, "min-replicas-max-lag": 5})
+        )
         upstream = stack.enter_context(fault_upstream())
         args = ["--journal", sentinel.url, "--upstream", f"fault={upstream.url}",
                 "--threads", "1", "--parallel", "4", "--disconnect-grace", "30",
@@ -375,7 +379,7 @@ def check(results: list[StreamResult], references: dict[str, str], base: str,
         stored = [orjson.loads(line[5:]) for line in replay.text.splitlines()
                   if line.startswith("data:")]  # fmt: skip
         if stored != result.events:
-            report.problems.append(f"{name}: replay differs ({replay.status_code})")
+            report.problems.append(f"{name}: replay differs: {difference(stored, result, replay)}")
         if result.kind == "embedded":
             reference = references[result.prompt]
             if result.outcome() == "completed" and result.text() == reference:
@@ -386,6 +390,22 @@ def check(results: list[StreamResult], references: dict[str, str], base: str,
                 report.problems.append(
                     f"{name}: text {result.text()!r} is not the reference {reference!r}"
                 )
+
+
+def difference(stored: list[dict[str, Any]], result: StreamResult, replay: httpx.Response) -> str:
+    """Where a replay departs from what the client saw (for the problem report)."""
+    if replay.status_code != 200:
+        return f"HTTP {replay.status_code} after {result.outcome()} ({len(result.events)} events)"
+    seen = result.events
+    at = next((i for i, (a, b) in enumerate(zip(stored, seen, strict=False)) if a != b), None)
+    if at is None:
+        at = min(len(stored), len(seen))
+    stored_event = stored[at] if at < len(stored) else None
+    seen_event = seen[at] if at < len(seen) else None
+    return (
+        f"{len(stored)} stored vs {len(seen)} seen, first difference at seq {at}: "
+        f"stored {stored_event}, seen {seen_event}"
+    )
 
 
 def summary(report: ChaosReport) -> str:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..conftest import free_port
@@ -128,6 +128,8 @@ class RedisProcess:
     directory: Path
     durable: bool = False
     replica_of: int | None = None
+    #: Extra ``redis-server`` options, e.g. ``{"min-replicas-to-write": 1}``.
+    options: dict[str, object] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -141,7 +143,7 @@ class RedisProcess:
                 leftover.unlink(missing_ok=True)
         options = {"port": self.port, "bind": "127.0.0.1", "save": "",
                    "appendonly": "yes" if self.durable else "no", "appendfsync": "always",
-                   "dir": self.directory, "daemonize": "no"}  # fmt: skip
+                   "dir": self.directory, "daemonize": "no", **self.options}  # fmt: skip
         command = [require("redis-server")]
         for name, value in options.items():
             command += [f"--{name}", str(value)]
@@ -172,10 +174,10 @@ class RedisProcess:
 
 @contextmanager
 def redis_process(
-    *, durable: bool = False, replica_of: int | None = None
+    *, durable: bool = False, replica_of: int | None = None, **options: object
 ) -> Iterator[RedisProcess]:
     directory = Path(tempfile.mkdtemp(prefix="tw-redis-"))
-    redis = RedisProcess(free_port(), directory, durable=durable, replica_of=replica_of)
+    redis = RedisProcess(free_port(), directory, durable, replica_of, dict(options))
     redis.start()
     try:
         yield redis
@@ -230,10 +232,10 @@ class Sentinel:
 
 
 @contextmanager
-def redis_sentinel(*, durable: bool = False) -> Iterator[Sentinel]:
+def redis_sentinel(*, durable: bool = False, **options: object) -> Iterator[Sentinel]:
     with (
-        redis_process(durable=durable) as master,
-        redis_process(durable=durable, replica_of=master.port) as replica,
+        redis_process(durable=durable, **options) as master,
+        redis_process(durable=durable, replica_of=master.port, **options) as replica,
     ):
         directory = Path(tempfile.mkdtemp(prefix="tw-sentinel-"))
         port = free_port()

@@ -18,6 +18,7 @@ Promises beyond ``Journal``'s:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -190,8 +191,28 @@ class RedisJournal(Journal):
         if self._retention is not None:
             self._retention.cancel()
             await asyncio.wait([self._retention], timeout=5.0)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self._replicated()
         await self.control.close()
         await self.client.close()
+
+    async def _replicated(self) -> None:
+        """Wait until a replica has everything the master has (when it has replicas).
+
+        After this process exits nobody holds its streams' events any more, so a failover
+        right after a rolling restart would lose what the master had not replicated yet.
+        (``WAIT`` covers one connection's writes only; the offsets cover all of them.)"""
+        info = await self._redis.info("replication")
+        if not info.get("connected_slaves"):
+            return
+        target = int(info["master_repl_offset"])
+        while True:
+            replicas = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+            if any(int(r.get("offset", 0)) >= target for r in replicas):
+                return
+            await asyncio.sleep(0.02)
+            info = await self._redis.info("replication")
 
     # -- producing ---------------------------------------------------------------------
 
