@@ -162,15 +162,11 @@ class Replica:
 def cluster(settings: ChaosSettings) -> Iterator[tuple[Sentinel, list[Replica], str, str]]:
     """Sentinel-managed Redis, a scripted upstream, three replicas, nginx in front."""
     with ExitStack() as stack:
-        # As Redis's docs advise for Sentinel: AOF on both, so a restarted Redis comes back
-        # with its data (an empty master that restarts faster than the sentinel's down-after
-        # wipes its replica too; tests/e2e/test_redis_outages.py covers an empty restart
-        # without Sentinel), and min-replicas-to-write, so a master cut off from its replica
-        # (a split brain while a restart races a failover) refuses writes instead of taking
-        # ones the failover will drop. Refused writes are an outage the producers ride out.
-        sentinel = stack.enter_context(
-            redis_sentinel(durable=True, **{"min-replicas-to-write": 1, "min-replicas-max-lag": 5})
-        )
+        # AOF on both, as Redis's docs advise for Sentinel: a restarted Redis comes back with
+        # its data (an empty master that restarts faster than the sentinel's down-after wipes
+        # its replica too; tests/e2e/test_redis_outages.py covers an empty restart without
+        # Sentinel).
+        sentinel = stack.enter_context(redis_sentinel(durable=True))
         upstream = stack.enter_context(fault_upstream())
         args = ["--journal", sentinel.url, "--upstream", f"fault={upstream.url}",
                 "--threads", "1", "--parallel", "4", "--disconnect-grace", "30",

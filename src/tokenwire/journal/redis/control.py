@@ -82,7 +82,13 @@ class RedisControlPlane(ControlPlane):
         if self._started:
             return
         self._started = True
-        await self._beat()
+        try:
+            await self._beat()
+        except JournalError as exc:
+            # A replica starting while Redis fails over or restarts still starts: the
+            # heartbeat loop goes on trying, and requests meet the outage handling.
+            self._trouble_at = time.monotonic()
+            log.warning("Redis unreachable at start (%s); retrying in the background", exc)
         self._background = [
             asyncio.create_task(self._heartbeat_loop(), name="tokenwire-redis-heartbeat"),
             asyncio.create_task(self._cancel_listener(), name="tokenwire-redis-cancels"),
