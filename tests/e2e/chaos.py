@@ -165,8 +165,11 @@ def cluster(settings: ChaosSettings) -> Iterator[tuple[Sentinel, list[Replica], 
         # AOF on both, as Redis's docs advise for Sentinel: a restarted Redis comes back with
         # its data (an empty master that restarts faster than the sentinel's down-after wipes
         # its replica too; tests/e2e/test_redis_outages.py covers an empty restart without
-        # Sentinel).
-        sentinel = stack.enter_context(redis_sentinel(durable=True))
+        # Sentinel). Down-after 3 s: a master restarting (under load, AOF loaded) must not
+        # race a failover, or both instances act as master for a while and the writes of the
+        # one demoted later are dropped — a split brain Redis does not protect against
+        # without min-replicas-to-write, and then writes stop whenever the replica is away.
+        sentinel = stack.enter_context(redis_sentinel(durable=True, down_after_ms=3000))
         upstream = stack.enter_context(fault_upstream())
         args = ["--journal", sentinel.url, "--upstream", f"fault={upstream.url}",
                 "--threads", "1", "--parallel", "4", "--disconnect-grace", "30",

@@ -193,7 +193,7 @@ bind 127.0.0.1
 daemonize no
 dir {dir}
 sentinel monitor {master} 127.0.0.1 {master_port} 1
-sentinel down-after-milliseconds {master} 1000
+sentinel down-after-milliseconds {master} {down_after}
 sentinel failover-timeout {master} 4000
 sentinel parallel-syncs {master} 1
 """
@@ -201,7 +201,8 @@ sentinel parallel-syncs {master} 1
 
 @dataclass
 class Sentinel:
-    """A master, a replica and one redis-sentinel watching them (quorum 1, down after 1 s)."""
+    """A master, a replica and one redis-sentinel watching them (quorum 1, the master
+    declared down after ``down_after_ms``, 1 s by default)."""
 
     master: RedisProcess
     replica: RedisProcess
@@ -232,7 +233,9 @@ class Sentinel:
 
 
 @contextmanager
-def redis_sentinel(*, durable: bool = False, **options: object) -> Iterator[Sentinel]:
+def redis_sentinel(
+    *, durable: bool = False, down_after_ms: int = 1000, **options: object
+) -> Iterator[Sentinel]:
     with (
         redis_process(durable=durable, **options) as master,
         redis_process(durable=durable, replica_of=master.port, **options) as replica,
@@ -242,7 +245,11 @@ def redis_sentinel(*, durable: bool = False, **options: object) -> Iterator[Sent
         conf = directory / "sentinel.conf"
         conf.write_text(
             _SENTINEL_CONF.format(
-                port=port, dir=directory, master="twmaster", master_port=master.port
+                port=port,
+                dir=directory,
+                master="twmaster",
+                master_port=master.port,
+                down_after=down_after_ms,
             )
         )
         process = subprocess.Popen(
