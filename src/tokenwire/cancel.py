@@ -41,6 +41,18 @@ class LeanEvent:
     def clear(self) -> None:
         self._value = False
 
+    def future(self) -> asyncio.Future[bool]:
+        """A future resolved when the event is set: a callback on it watches the event
+        with no task. Cancel it to stop watching."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._value:
+            waiter.set_result(True)
+        elif self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
     async def wait(self) -> Literal[True]:
         if self._value:
             return True
@@ -81,3 +93,7 @@ class CancelToken:
     async def wait(self) -> str:
         await self._set.wait()
         return self.reason or "stop"
+
+    def future(self) -> asyncio.Future[bool]:
+        """Resolved when the token is set (``LeanEvent.future``)."""
+        return self._set.future()

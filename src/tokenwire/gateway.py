@@ -336,19 +336,15 @@ class Gateway(Backend):
     async def _relay_call(
         self, call: UpstreamCall, upstream: Upstream, accept_by: float | None, relay: _Relayed
     ) -> AsyncGenerator[Event, None]:
-        """One attempt's events. The first attempt waits briefly for the first token: an
-        upstream 4xx, or every upstream failing fast, is then still a clean error response
-        instead of a started stream; a slower upstream starts the stream with a progress
-        event, so headers and heartbeats go out."""
+        """One attempt's events. The first attempt says nothing until the first token or
+        ``accept_by``: an upstream 4xx, or every upstream failing fast, is then still a
+        clean error response instead of a started stream; a slower upstream starts the
+        stream with a progress event, so headers and heartbeats go out. (A timer hands the
+        call that event: waiting for the first token takes no task hop of its own.)"""
         if accept_by is not None:
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(accept_by - loop.time(), 0.0)):
-                    await asyncio.shield(call.ready)
-            if call.cancel.is_cancelled():
-                return
-            if not call.ready.done():
-                yield Progress(stage="connecting", message=f"upstream {upstream.name}")
+            call.announce_at(
+                accept_by, Progress(stage="connecting", message=f"upstream {upstream.name}")
+            )
         events = call.events()
         async for event in events:
             if call.content_started:

@@ -80,10 +80,8 @@ class Upstream(Protocol):
 
     @property
     def config(self) -> Deadlines: ...
-    @property
-    def client(self) -> httpx.AsyncClient: ...
+    async def send(self, url: str, content: bytes) -> httpx.Response: ...
     def decoder(self) -> WireDecoder: ...
-    def request_headers(self) -> dict[str, str]: ...
     def retry_body(self, body: dict[str, Any], rejection: str) -> dict[str, Any] | None: ...
 
 
@@ -134,7 +132,10 @@ class UpstreamCall:
         self._sink: EventSink | None = None
         self._started = self._read_at = loop.time()
         self._task = loop.create_task(self._open(url, body), name=f"upstream-{backend.name}")
-        self._watch = loop.create_task(self._watch_cancel())
+        # Stop is watched by a callback, not a task of its own.
+        self._watch = cancel.future()
+        self._watch.add_done_callback(self._cancelled)
+        self._announce: asyncio.TimerHandle | None = None
         self._timer = loop.call_at(
             self._started + backend.config.first_token_timeout, self._check_deadline
         )
@@ -266,11 +267,7 @@ class UpstreamCall:
         return response
 
     async def _send(self, url: str, body: dict[str, Any]) -> httpx.Response:
-        backend = self.backend
-        request = backend.client.build_request(
-            "POST", url, content=orjson.dumps(body), headers=backend.request_headers()
-        )
-        return await backend.client.send(request, stream=True)
+        return await self.backend.send(url, orjson.dumps(body))
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -305,9 +302,19 @@ class UpstreamCall:
             )
         )
 
-    async def _watch_cancel(self) -> None:
-        await self.cancel.wait()
-        self._interrupt(None)
+    def _cancelled(self, watch: asyncio.Future[bool]) -> None:
+        if not watch.cancelled():
+            self._interrupt(None)
+
+    def announce_at(self, when: float, event: Event) -> None:
+        """Unless content started by loop time ``when``, hand ``event`` (a progress event)
+        to the consumer then: it starts the stream while the call still waits."""
+        self._announce = self._loop.call_at(when, self._announced, event)
+
+    def _announced(self, event: Event) -> None:
+        if self.phase is Phase.OPENING and not self.content_started:
+            self._buffer.append(event)
+            self._wake()
 
     def _interrupt(self, error: BackendError | None) -> None:
         """Stop (``error`` None) or a timeout: end the wait on the upstream at once."""
@@ -456,6 +463,8 @@ class UpstreamCall:
             self.phase = Phase.ENDED
         self._timer.cancel()
         self._watch.cancel()
+        if self._announce is not None:
+            self._announce.cancel()
         if not self._task.done():
             if phase is Phase.COMPLETE:
                 # The answer is complete; let the opening task drain the body.
@@ -473,8 +482,6 @@ class UpstreamCall:
                 _background(self._loop.create_task(reader.close(drain=True)))
             else:
                 await reader.close(drain=False)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({self._watch}, timeout=1.0)
 
 
 class _Body:

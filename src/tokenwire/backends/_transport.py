@@ -328,7 +328,8 @@ class _Body(httpx.AsyncByteStream):
 def direct_body(response: httpx.Response) -> _Body | None:
     """The ``_Body`` under an httpx response of ``UpstreamTransport`` (None: another
     transport's, read it by iterating)."""
-    body = getattr(response.stream, "_stream", None)  # httpx's BoundAsyncStream wraps it
+    stream = response.stream
+    body = getattr(stream, "_stream", stream)  # httpx's client wraps it in a BoundAsyncStream
     return body if type(body) is _Body and body._timeout is None else None
 
 

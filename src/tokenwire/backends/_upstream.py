@@ -68,6 +68,11 @@ class UpstreamBackend(Backend):
         self.base_url = config.url.rstrip("/")
         self._client = client
         self._owns_client = client is None
+        self._transport: UpstreamTransport | None = None
+        self._urls: dict[str, httpx.URL] = {}
+        connect = config.connect_timeout
+        # read None: the call's first-token and idle deadlines govern reads.
+        self._timeouts = {"connect": connect, "read": None, "write": connect, "pool": connect}
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -98,19 +103,32 @@ class UpstreamBackend(Backend):
                 max_connections=config.max_connections,
                 max_keepalive_connections=config.max_connections,
             )
+            # httpcore's pool on asyncio sockets: no anyio cost per read (_transport.py).
+            self._transport = UpstreamTransport(limits=limits)
             self._client = httpx.AsyncClient(
-                # read=None: the call's first-token and idle deadlines govern reads.
-                timeout=httpx.Timeout(
-                    connect=config.connect_timeout,
-                    read=None,
-                    write=config.connect_timeout,
-                    pool=config.connect_timeout,
-                ),
-                # httpcore's pool on asyncio sockets: no anyio cost per read (_transport.py).
-                transport=UpstreamTransport(limits=limits),
+                timeout=httpx.Timeout(**self._timeouts),
+                transport=self._transport,
                 trust_env=False,
             )
         return self._client
+
+    async def send(self, url: str, content: bytes) -> httpx.Response:
+        """POST ``content`` to ``url``; the response streams. Straight to the pooled
+        transport: httpx's client would add auth, redirect, cookie and hook steps (tens of
+        µs before each first token) that a relay's POST never needs."""
+        client = self.client
+        headers = self.request_headers()
+        transport = self._transport
+        if transport is None:  # a client given from outside: its own stack
+            request = client.build_request("POST", url, content=content, headers=headers)
+            return await client.send(request, stream=True)
+        target = self._urls.get(url)
+        if target is None:
+            target = self._urls[url] = httpx.URL(url)
+        request = httpx.Request(
+            "POST", target, content=content, headers=headers, extensions={"timeout": self._timeouts}
+        )
+        return await transport.handle_async_request(request)
 
     def request_headers(self) -> dict[str, str]:
         headers = {
