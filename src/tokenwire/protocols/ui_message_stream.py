@@ -265,6 +265,7 @@ class Renderer(BaseRenderer):
         self._usage: Usage | None = None
         #: Server-side tools ran in this step: the next output opens a new step.
         self._tools_ran = False
+        self._started = False
         # A text delta is the same JSON but for its id and delta: encode once, splice.
         self._delta_head = b""
 
@@ -294,8 +295,10 @@ class Renderer(BaseRenderer):
             return [self._delta_head + orjson.dumps(event.text) + b"}"]
         out = []
         if isinstance(event, StreamStarted):
-            out.append({"type": "start", "messageId": message_id(self.meta)})
-            out.append({"type": "start-step"})
+            if not self._started:  # again: another replica took the stream over
+                self._started = True
+                out.append({"type": "start", "messageId": message_id(self.meta)})
+                out.append({"type": "start-step"})
         elif isinstance(event, Progress):
             data: dict[str, Any] = {"stage": event.stage, "message": event.message}
             if event.position is not None:
