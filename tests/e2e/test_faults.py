@@ -12,18 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import shutil
 import socket
 import statistics
 import struct
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,8 +28,8 @@ import pytest
 from tests.fault_upstream import RunningFault, fault_upstream
 from tokenwire.events import TERMINAL_TYPES
 
-from ..conftest import RunningServer, free_port, tokenwire_server
-from .services import _stop, _wait_for_port, require
+from ..conftest import RunningServer, tokenwire_server
+from .services import redis_process
 
 pytestmark = pytest.mark.e2e
 
@@ -135,49 +129,6 @@ def test_upstream_crash_mid_stream_ends_each_stream_once_and_keeps_the_partial(
 # -- a replica killed mid-stream -------------------------------------------------------------------
 
 
-@dataclass
-class Redis:
-    port: int
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        # appendfsync always: every acknowledged write survives a crash (the restart test).
-        options = {"port": self.port, "bind": "127.0.0.1", "save": "", "appendonly": "yes",
-                   "appendfsync": "always", "dir": self.directory, "daemonize": "no"}  # fmt: skip
-        command = [require("redis-server")]
-        for name, value in options.items():
-            command += [f"--{name}", str(value)]
-        self.process = subprocess.Popen(
-            command,
-            stdout=(self.directory / "redis.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        _wait_for_port(self.port, self.process)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-
-
-@contextmanager
-def durable_redis() -> Iterator[Redis]:
-    directory = Path(tempfile.mkdtemp(prefix="tw-redis-aof-"))
-    redis = Redis(free_port(), directory)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        if redis.process is not None:
-            _stop(redis.process)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 class Follower(threading.Thread):
     """Reads a native stream, remembering every SSE message as it arrives."""
 
@@ -207,7 +158,7 @@ class Follower(threading.Thread):
 def test_replica_killed_mid_stream_is_finished_by_another_with_nothing_lost(
     fault: RunningFault,
 ) -> None:
-    with durable_redis() as redis:
+    with redis_process(durable=True) as redis:
         common = ("--upstream", f"fault={fault.url}", "--no-embedded", "--journal", redis.url,
                   "--disconnect-grace", "30")  # fmt: skip
         with tokenwire_server(*common) as b, tokenwire_server(*common) as a:
