@@ -99,99 +99,154 @@ def around_async(enter: str | None, leave: str | None, fn: Callable[..., Any]) -
     return wrapper
 
 
+#: Stages whose function was not found in this tree (the server's modules move).
+MISSING: list[str] = []
+
+
+def wrap(module: str, path: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace ``module``'s ``path`` (``Class.method``) with ``make(original)``; note it in
+    ``MISSING`` instead of failing when this tree has no such function."""
+    import importlib
+
+    try:
+        owner: Any = importlib.import_module(module)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = getattr(owner, name)
+    except (ImportError, AttributeError):
+        MISSING.append(f"{module}.{path}")
+        return
+    setattr(owner, name, make(original))
+
+
 def install() -> None:
-    from uvicorn.protocols.http import httptools_impl
+    """Wrap each stage's function; each is looked up where this tree has it."""
 
-    from tokenwire.backends import _transport, _upstream
-    from tokenwire.journal import memory
-    from tokenwire.protocols import openai_chat
-    from tokenwire.server import app, http
-    from tokenwire.streams import StreamManager
-    from tokenwire.transports import sse
+    def first_token(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any) -> Any:
+            ready = self.ready.done()
+            result = original(self, *args)
+            if not ready and self.ready.done():
+                note("first token decided (ready set)")
+            return result
 
-    proto = http.HttpProtocol
-    proto.data_received = before("request bytes arrive", proto.data_received)  # type: ignore[method-assign]
-    proto.on_headers_complete = after("request head parsed", proto.on_headers_complete)  # type: ignore[method-assign]
-    server = app.Server
-    server.create = around_async(  # type: ignore[method-assign]
-        "handler called (routing, middleware)", None, server.create
+        return wrapper
+
+    def journal_append(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def append(self: Any, stream_id: str, event: Any) -> Any:
+            result = await original(self, stream_id, event)
+            if event.seq == 0:
+                note("stream.started journaled")
+            elif event.seq == 1:
+                note("first token journaled")
+            return result
+
+        return append
+
+    def cycle_send(original: Callable[..., Any]) -> Callable[..., Any]:
+        async def send(self: Any, message: Any) -> None:
+            await original(self, message)
+            if message["type"] == "http.response.start":
+                note("headers written")
+                return
+            body = message.get("body", b"")
+            if b'"content":"0@' in body:
+                note("first token frame written")
+            elif body.startswith(b":"):
+                note("open comment written")
+
+        return send
+
+    http, app = "tokenwire.server.http", "tokenwire.server.app"
+    wrap(http, "HttpProtocol.data_received", lambda f: before("request bytes arrive", f))
+    wrap(http, "HttpProtocol.on_headers_complete", lambda f: after("request head parsed", f))
+    wrap(
+        app,
+        "Server.create",
+        lambda f: around_async("handler called (routing, middleware)", None, f),
     )
-    server.read_json = around_async(None, "body read", server.read_json)  # type: ignore[method-assign]
-    chat = openai_chat.OpenAIChat
-    chat.parse = after("parsed (ChatRequest)", chat.parse)  # type: ignore[method-assign]
-    server.admit = after("admitted", server.admit)  # type: ignore[method-assign]
-    StreamManager.start = around_async(  # type: ignore[method-assign]
-        "manager.start", "manager.start returned (handler resumes)", StreamManager.start
+    wrap(app, "Server.read_json", lambda f: around_async(None, "body read", f))
+    wrap(
+        "tokenwire.protocols.openai_chat",
+        "OpenAIChat.parse",
+        lambda f: after("parsed (ChatRequest)", f),
     )
-    StreamManager._produce = around_async(  # type: ignore[method-assign]
-        "producer task runs", None, StreamManager._produce
+    wrap(app, "Server.admit", lambda f: after("admitted", f))
+    wrap(
+        "tokenwire.streams",
+        "StreamManager.start",
+        lambda f: around_async("manager.start", "manager.start returned (handler resumes)", f),
     )
-    gateway_mod = sys.modules["tokenwire.gateway"]
-    gateway_mod.Gateway.plan = after("gateway planned", gateway_mod.Gateway.plan)
-    upstream = _upstream.UpstreamBackend
-    upstream.ensure_models = around_async(None, "models known", upstream.ensure_models)  # type: ignore[method-assign]
-    call = _upstream.UpstreamCall
-    call.__init__ = after("upstream call created (tasks, timer)", call.__init__)  # type: ignore[method-assign]
-    call._send = around_async("opening task runs", None, call._send)  # type: ignore[method-assign]
-    transport = _transport.UpstreamTransport
-    transport.handle_async_request = around_async(  # type: ignore[method-assign]
-        "httpx built and handed over the request",
-        "upstream response head → httpx.Response",
-        transport.handle_async_request,
+    wrap(
+        "tokenwire.streams",
+        "StreamManager._produce",
+        lambda f: around_async("producer task runs", None, f),
     )
-    transport._connect = around_async(  # type: ignore[method-assign]
-        "new upstream connection: connecting",
-        "new upstream connection: connected",
-        transport._connect,
+    wrap("tokenwire.gateway", "Gateway.plan", lambda f: after("gateway planned", f))
+    for module, path in (
+        ("tokenwire.gateway", "Upstream.ensure_models"),
+        ("tokenwire.backends._upstream", "UpstreamBackend.ensure_models"),
+    ):
+        wrap(module, path, lambda f: around_async(None, "models known", f))
+    for module in ("tokenwire.backends._call", "tokenwire.backends._upstream"):
+        wrap(
+            module,
+            "UpstreamCall.__init__",
+            lambda f: after("upstream call created (tasks, timer)", f),
+        )
+        wrap(module, "UpstreamCall._send", lambda f: around_async("opening task runs", None, f))
+        wrap(module, "UpstreamCall._first_content", first_token)
+        wrap(module, "UpstreamCall._push", first_token)
+    transport = "tokenwire.backends._transport"
+    wrap(
+        transport,
+        "UpstreamTransport.handle_async_request",
+        lambda f: around_async(
+            "httpx built and handed over the request",
+            "upstream response head → httpx.Response",
+            f,
+        ),
     )
-    transport._acquire = around_async(None, "upstream connection acquired", transport._acquire)  # type: ignore[method-assign]
-    connection = _transport._Connection
-    connection.write = around_async(None, "request written to the upstream", connection.write)  # type: ignore[method-assign]
-    connection.data_received = before("upstream bytes arrive", connection.data_received)  # type: ignore[method-assign]
-    original_push = call._push
-
-    def push(self: Any, events: list[Any]) -> None:
-        had = self._content
-        original_push(self, events)
-        if not had and self._content:
-            note("first token decided (ready set)")
-
-    call._push = push  # type: ignore[method-assign]
-    journal = memory.MemoryJournal
-    journal.create = around_async(  # type: ignore[method-assign]
-        "producer has the first event", None, journal.create
+    wrap(
+        transport,
+        "UpstreamTransport._connect",
+        lambda f: around_async(
+            "new upstream connection: connecting", "new upstream connection: connected", f
+        ),
     )
-    original_append = journal.append
-
-    async def append(self: Any, stream_id: str, event: Any) -> None:
-        await original_append(self, stream_id, event)
-        if event.seq == 0:
-            note("stream.started journaled")
-        elif event.seq == 1:
-            note("first token journaled")
-
-    journal.append = append  # type: ignore[method-assign]
-    server.event_stream = after("response built", server.event_stream)  # type: ignore[method-assign]
-    response = sse.EventSourceResponse
-    response.__call__ = around_async("response starts (headers)", None, response.__call__)  # type: ignore[method-assign]
-    response.stream = around_async("stream body runs (handoff)", None, response.stream)  # type: ignore[method-assign]
-    cycle = httptools_impl.RequestResponseCycle
-    original_send = cycle.send
-
-    async def send(self: Any, message: Any) -> None:
-        await original_send(self, message)
-        if message["type"] == "http.response.start":
-            note("headers written")
-            return
-        body = message.get("body", b"")
-        if b'"content":"0@' in body:
-            note("first token frame written")
-        elif body.startswith(b":"):
-            note("open comment written")
-
-    cycle.send = send  # type: ignore[method-assign]
-    direct = http.DirectWrite
-    direct.write = after("frame written directly", direct.write)  # type: ignore[method-assign]
+    wrap(
+        transport,
+        "UpstreamTransport._acquire",
+        lambda f: around_async(None, "upstream connection acquired", f),
+    )
+    wrap(
+        transport,
+        "_Connection.write",
+        lambda f: around_async(None, "request written to the upstream", f),
+    )
+    wrap(transport, "_Connection.data_received", lambda f: before("upstream bytes arrive", f))
+    memory = "tokenwire.journal.memory"
+    wrap(
+        memory,
+        "MemoryJournal.create",
+        lambda f: around_async("producer has the first event", None, f),
+    )
+    wrap(memory, "MemoryJournal.append", journal_append)
+    wrap(app, "Server.event_stream", lambda f: after("response built", f))
+    sse = "tokenwire.transports.sse"
+    wrap(
+        sse,
+        "EventSourceResponse.__call__",
+        lambda f: around_async("response starts (headers)", None, f),
+    )
+    wrap(
+        sse,
+        "EventSourceResponse.stream",
+        lambda f: around_async("stream body runs (handoff)", None, f),
+    )
+    wrap("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle.send", cycle_send)
+    wrap(http, "DirectWrite.write", lambda f: after("frame written directly", f))
 
 
 def main() -> None:
@@ -200,7 +255,7 @@ def main() -> None:
 
     def dump() -> None:
         with open(out, "w") as f:
-            json.dump(NOTES, f)
+            json.dump({"notes": NOTES, "missing": MISSING}, f)
 
     atexit.register(dump)
     import tokenwire.gateway  # noqa: F401  (the module install() patches)

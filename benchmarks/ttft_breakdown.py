@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             set_realtime(realtime, False)
         tw.send_signal(signal.SIGINT)  # uvicorn shuts down; the probe writes its notes
         tw.wait(timeout=30)
-    notes = [(int(at), str(stage)) for at, stage in json.loads(notes_file.read_text())]
+    dumped = json.loads(notes_file.read_text())
+    notes = [(int(at), str(stage)) for at, stage in dumped["notes"]]
     os.unlink(notes_file)
 
     def ms(runs: list[dict[str, int]], end: str, start: str) -> list[float]:
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "paths": paths,
         "split": split,
         "steps": rows,
+        # Functions this tree does not have (each is looked up in both its old and new home).
+        "probe_not_found": dumped["missing"],
         "headlines": [
             headline(
                 "relay",
