@@ -8,6 +8,7 @@ request may carry (``CoalesceSpec``: fewer, larger text frames, applied by
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -82,8 +83,52 @@ class ChatRequest:
     #: Ask the backend for usage (OpenAI ``stream_options.include_usage``); the event
     #: stream always carries usage, this only says whether the client wants to see it.
     include_usage: bool = False
+    #: The last message is an assistant message to continue, not a finished turn (assistant
+    #: prefill; vLLM's name): how another replica continues a stream it took over.
+    continue_final_message: bool = False
     #: Opaque per-request options a protocol passes through (``user``, ``metadata`` …).
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON-able data, for a journal to keep (another replica rebuilds it
+        with ``from_dict`` to continue the stream). ``extra`` keeps only what JSON can hold;
+        the coalescing choice is kept as its fields."""
+        data = dataclasses.asdict(dataclasses.replace(self, extra={}))
+        extra: dict[str, Any] = {}
+        for key, value in self.extra.items():
+            if isinstance(value, CoalesceSpec):
+                extra[key] = {"mode": value.mode, "max_delay": value.max_delay}
+            elif isinstance(value, str | int | float | bool | list | dict) or value is None:
+                extra[key] = value
+        data["extra"] = extra
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatRequest:
+        """Inverse of :meth:`to_dict`."""
+        extra = dict(data.get("extra") or {})
+        if isinstance(extra.get(COALESCE_KEY), dict):
+            extra[COALESCE_KEY] = CoalesceSpec(**extra[COALESCE_KEY])
+        messages = [
+            Message(
+                **{
+                    **message,
+                    "tool_calls": [ToolCall(**call) for call in message.get("tool_calls") or []],
+                }
+            )
+            for message in data["messages"]
+        ]
+        return cls(
+            model=data["model"],
+            messages=messages,
+            sampling=SamplingParams(**data.get("sampling") or {}),
+            tools=[Tool(**tool) for tool in data.get("tools") or []],
+            tool_choice=data.get("tool_choice"),
+            response_format=ResponseFormat(**data.get("response_format") or {}),
+            include_usage=bool(data.get("include_usage")),
+            continue_final_message=bool(data.get("continue_final_message")),
+            extra=extra,
+        )
 
 
 # -- delivery options ------------------------------------------------------------------------

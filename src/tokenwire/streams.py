@@ -43,10 +43,11 @@ from tokenwire.events import (
     aclose,
 )
 from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
-from tokenwire.journal.control import ControlPlane
+from tokenwire.journal.control import Claim, ControlPlane
 from tokenwire.requests import ChatRequest
 from tokenwire.router import Router
 from tokenwire.stages import Stage
+from tokenwire.takeover import continuable_request, continuation, producer_lost, takeover_progress
 
 __all__ = ["Stage", "StreamManager", "StreamObserver", "new_stream_id"]
 
@@ -138,6 +139,9 @@ class _Producing:
     #: Generates to its end with no reader: the disconnect policy does not apply.
     background: bool = False
     handed_over: bool = False
+    #: The request being answered, where another replica could continue it (shared
+    #: journals): SIGTERM hands such streams over instead of draining them.
+    request: ChatRequest | None = None
 
 
 class StreamManager:
@@ -162,6 +166,10 @@ class StreamManager:
         self._producing: dict[str, _Producing] = {}
         self._grace_checks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
+        #: Set on SIGTERM in a shared deployment: take nothing over, end local readers.
+        self.handing_over = False
+        if self.control.shared:
+            self.control.on_orphan = self._take_over
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -234,6 +242,10 @@ class StreamManager:
             labels=dict(labels or {}),
         )
         producing = _Producing(cancel=CancelToken(), owner=owner, background=background)
+        if self.control.shared:
+            # Kept with the stream, so another replica can continue it (takeover.py).
+            meta.request = request.to_dict()
+            producing.request = continuable_request(meta)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(
@@ -246,18 +258,17 @@ class StreamManager:
             # The caller went away while we waited for acceptance: nobody will read.
             self._cancel_local(meta.id, "disconnect")
             raise
-        if (
-            producing.readers == 0
-            and not producing.done
-            and producing.grace_timer is None
-            and not background
-        ):
-            # A caller that vanishes before its reader starts (between the response headers
-            # and the first read) never "leaves"; the first reader cancels this timer.
-            producing.grace_timer = asyncio.get_running_loop().call_later(
-                max(self.disconnect_grace, _FIRST_READER_WAIT), self._grace_over, meta.id, producing
-            )
+        self._await_first_reader(meta.id, producing)
         return meta
+
+    def _await_first_reader(self, stream_id: str, producing: _Producing) -> None:
+        # A caller that vanishes before its reader starts (between the response headers and
+        # the first read) never "leaves"; the first reader cancels this timer.
+        if producing.readers or producing.done or producing.grace_timer or producing.background:
+            return
+        wait = max(self.disconnect_grace, _FIRST_READER_WAIT)
+        loop = asyncio.get_running_loop()
+        producing.grace_timer = loop.call_later(wait, self._grace_over, stream_id, producing)
 
     def _events(
         self, request: ChatRequest, backend: Backend, cancel: CancelToken
@@ -391,6 +402,96 @@ class StreamManager:
             return StreamCancelled(reason=cancel.reason or "stop")
         return None
 
+    # -- takeover and handover (takeover.py) ----------------------------------------------
+
+    async def _take_over(self, stream_id: str) -> bool:
+        """The control plane's orphan handler: claim ``stream_id`` and continue it here if
+        it can be continued. True: taken care of (continued here or by another replica)."""
+        if stream_id in self._producing:
+            return True
+        if self.handing_over:
+            return True  # shutting down: another replica's sweep takes it
+        meta = await self.journal.meta(stream_id)
+        request = continuable_request(meta)
+        if request is None:
+            return False
+        backend = self.router.resolve(request.model)
+        if backend.continuation(request, "") is None:
+            return False
+        claim = await self.control.claim(stream_id)
+        if claim is None:
+            return False  # someone else has it (the caller then finds it alive) or it ended
+        producing = _Producing(cancel=CancelToken(), owner=meta.owner, request=request)
+        self._producing[stream_id] = producing
+        producing.task = asyncio.create_task(
+            self._continue(meta, claim, request, backend, producing),
+            name=f"tokenwire-continue-{stream_id}",
+        )
+        self._await_first_reader(stream_id, producing)
+        return True
+
+    async def _continue(
+        self,
+        meta: StreamMeta,
+        claim: Claim,
+        request: ChatRequest,
+        backend: Backend,
+        producing: _Producing,
+    ) -> None:
+        """Produce the rest of a claimed stream: the same log, seq from ``claim.next_seq``."""
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        accepted.set_result(None)
+        cancel = producing.cancel
+        terminal: Event | None = None
+        events: AsyncIterator[Event] | None = None
+        try:
+            self.journal.resume_producing(meta.id, claim.next_seq, meta)
+            continued = continuation(request, backend, await self.journal.snapshot(meta.id))
+            if continued is None:
+                terminal = producer_lost("its producer stopped inside a tool call")
+                return
+            await self.journal.append(meta.id, takeover_progress(claim.previous))
+            events = self._events(continued, backend, cancel)
+            terminal = await self._pump(meta.id, await anext(events, None), events, cancel)
+        except asyncio.CancelledError:
+            terminal = StreamCancelled(reason=cancel.reason or "shutdown")
+        except StreamHandedOver:
+            cancel.cancel("handed_over")
+            producing.handed_over = True
+        except TokenwireError as exc:
+            terminal = StreamFailed(error=exc.to_dict())
+        except Exception as exc:
+            log.exception("continuing stream %s failed", meta.id)
+            terminal = producer_lost(f"continuing it on another replica failed: {exc}")
+        finally:
+            if events is not None:
+                with contextlib.suppress(Exception):
+                    await aclose(events)
+            await self._finish(meta.id, producing, accepted, terminal)
+
+    async def hand_over_all(self) -> int:
+        """SIGTERM in a shared deployment: stop producing every stream another replica can
+        continue, without a terminal event, and release it so one takes it at once; local
+        readers end without a terminal (their clients resume elsewhere). Returns how many."""
+        self.handing_over = True
+        handed = {
+            stream_id: producing
+            for stream_id, producing in self._producing.items()
+            if producing.request is not None and not producing.done
+        }
+        for producing in handed.values():
+            producing.handed_over = True
+            producing.cancel.cancel("handed_over")
+        tasks = [p.task for p in handed.values() if p.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        for stream_id in handed:
+            try:
+                await self.control.release(stream_id)
+            except TokenwireError as exc:
+                log.warning("could not release stream %s: %s", stream_id, exc)
+        return len(handed)
+
     # -- read --------------------------------------------------------------------------
 
     async def meta(self, stream_id: str) -> StreamMeta:
@@ -414,6 +515,8 @@ class StreamManager:
         try:
             async for event in self.journal.read(stream_id, after):
                 yield event
+                if self.handing_over and stream_id not in self._producing:
+                    return  # no terminal: the client resumes on another replica
         finally:
             self._reader_gone(stream_id, producing)
 
@@ -427,6 +530,8 @@ class StreamManager:
         try:
             async for batch in self.journal.read_batches(stream_id, after, direct=direct):
                 yield batch
+                if self.handing_over and stream_id not in self._producing:
+                    return  # no terminal: the client resumes on another replica
         finally:
             self._reader_gone(stream_id, producing)
 

@@ -32,6 +32,11 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon who lear
 COUNT = [{"role": "user", "content": "Count from 1 to 5000, separated by commas."}]
 #: With these the embedded model counts on for well over 1000 tokens (greedy stops at 20).
 LONG = {"temperature": 0.9, "seed": 5}
+#: A declared tool (not to be called): the stream cannot be continued by another replica.
+NO_TAKEOVER = {
+    "tools": [{"type": "function", "function": {"name": "noop", "parameters": {"type": "object"}}}],
+    "tool_choice": "none",
+}
 
 
 @dataclass
@@ -318,7 +323,9 @@ def test_evicted_and_unknown_streams_through_nginx(cluster: Cluster) -> None:
 
 @pytest.mark.timeout(180)
 def test_killing_the_producer_ends_readers_with_a_failure(cluster: Cluster) -> None:
-    body = {"model": "default", "messages": COUNT, "max_tokens": 3000, **LONG}
+    # Declared tools make a stream one that no replica continues (takeover.py): its readers
+    # get producer_lost. (tests/e2e/test_takeover.py: streams that are continued.)
+    body = {"model": "default", "messages": COUNT, "max_tokens": 3000, **LONG, **NO_TAKEOVER}
     with tokenwire_server(*replica_args(cluster.redis)) as doomed:
         with httpx.Client(timeout=60) as client:
             first = read_segment(

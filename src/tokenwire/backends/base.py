@@ -70,6 +70,13 @@ class Backend(abc.ABC):
     def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
         """Generate the answer to ``request`` as events (see the module docstring)."""
 
+    def continuation(self, request: ChatRequest, partial: str) -> ChatRequest | None:
+        """The request that continues the answer to ``request`` after the text ``partial``
+        already streamed (a replica taking over a stream whose producer was lost), keeping
+        its sampling parameters; None if this backend cannot continue an answer (the stream
+        then ends ``producer_lost``). The default cannot."""
+        return None
+
     def models(self) -> list[ModelInfo]:
         """The model names this backend serves, as listed by ``/v1/models``."""
         return []

@@ -55,9 +55,12 @@ class StreamMeta:
     #: What the server decided about the stream when it started it (``cache``: ``hit`` or
     #: ``miss``); sent as response headers on every read of it.
     labels: dict[str, str] = field(default_factory=dict)
+    #: The request (``ChatRequest.to_dict``), kept where replicas share the journal, so that
+    #: another replica can continue the stream if its producer is lost (streams.py).
+    request: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "id": self.id,
             "model": self.model,
             "protocol": self.protocol,
@@ -66,6 +69,9 @@ class StreamMeta:
             "render": self.render,
             "labels": self.labels,
         }
+        if self.request is not None:
+            data["request"] = self.request
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StreamMeta:
@@ -86,6 +92,11 @@ class Journal(abc.ABC):
     @abc.abstractmethod
     async def create(self, meta: StreamMeta) -> None:
         """Register a new stream before its first event."""
+
+    def resume_producing(self, stream_id: str, next_seq: int, meta: StreamMeta) -> None:
+        """Append to ``stream_id`` from ``next_seq`` on, after ``control.claim`` gave this
+        process the stream (shared journals only: nothing else can claim one)."""
+        raise NotImplementedError(f"{type(self).__name__} does not share streams")
 
     @abc.abstractmethod
     async def append(self, stream_id: str, event: Event) -> int:

@@ -18,10 +18,15 @@ Ownership promises, for shared control planes:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-__all__ = ["Claim", "ControlPlane", "LocalControlPlane", "ProducerState"]
+__all__ = ["Claim", "ControlPlane", "LocalControlPlane", "OrphanHandler", "ProducerState"]
+
+#: Asked about a stream whose producer was lost, before it is ended ``producer_lost``: True
+#: if it is taken care of (this process took it over, or leaves it to another replica),
+#: False to end it. Set by the stream manager (takeover, streams.py).
+OrphanHandler = Callable[[str], Awaitable[bool]]
 
 
 class ProducerState:
@@ -30,6 +35,7 @@ class ProducerState:
     MISSING = -1  # no such stream (never was, expired, or the store lost it)
     ENDED = -2  # it has its terminal event
     ALIVE = 0  # its producer heartbeats (or it is being claimed)
+    LOST = -3  # its producer is lost (checked without ending it: ``on_orphan`` decides)
     # n > 0: its producer was lost, and this call wrote the terminal ``producer_lost`` event
 
 
@@ -50,6 +56,8 @@ class ControlPlane:
     #: True when other processes share this control plane: then a stream may have readers
     #: and producers this process cannot see.
     shared: bool = False
+    #: Takeover: see ``OrphanHandler``; None ends every orphaned stream ``producer_lost``.
+    on_orphan: OrphanHandler | None = None
 
     async def start(self) -> None:
         """Connect and start background work (heartbeat, cancel listener, sweeps)."""

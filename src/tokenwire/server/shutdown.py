@@ -6,11 +6,15 @@ app's lifespan runs ``Drain.watch``:
 
 1. new streams are refused with 503 (``BackendUnavailable``, code ``shutting_down``) on
    connections that are still open;
-2. in-flight streams get ``drain_timeout`` seconds to finish on their own;
-3. what is still generating then is cancelled with reason ``shutdown``, so every reader gets
+2. in a shared deployment (``--journal redis://…``), streams another replica can continue
+   are handed over at once: this replica stops producing them without a terminal event and
+   releases them, another claims and continues them (streams.py, takeover.py), and local
+   readers end without a terminal so their clients resume on another replica;
+3. the other in-flight streams get ``drain_timeout`` seconds to finish on their own;
+4. what is still generating then is cancelled with reason ``shutdown``, so every reader gets
    ``stream.cancelled`` rendered as its protocol's terminal frame (OpenAI: a finish chunk and
    ``[DONE]``; Anthropic: ``message_stop``) and the response ends cleanly;
-4. the lifespan's shutdown then closes the stream manager and the journal (the Redis
+5. the lifespan's shutdown then closes the stream manager and the journal (the Redis
    journal flushes its queued appends before it closes).
 """
 
@@ -58,6 +62,12 @@ class Drain:
         await self._requested.wait()
         self.draining = True
         started = time.monotonic()
+        if manager.control.shared:
+            # Zero-downtime restarts: streams another replica can continue are handed over
+            # at once (released, taken over there), not drained or cut.
+            handed = await manager.hand_over_all()
+            if handed:
+                log.warning("handed %d stream(s) over to the other replicas", handed)
         log.warning(
             "shutting down: draining %d stream(s) for up to %gs",
             manager.active_streams,

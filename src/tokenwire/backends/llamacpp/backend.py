@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -116,7 +117,7 @@ class LlamaCppBackend(Backend):
                 messages=[Message(role="user", content="Hi")],
                 sampling=SamplingParams(max_tokens=2, temperature=0.0),
             )
-            async for _ in self._decode(self._prompt_tokens(warm), warm, CancelToken()):
+            async for _ in self._decode(self._prompt_tokens(warm)[0], warm, CancelToken()):
                 pass
 
     def _load(self) -> None:
@@ -198,35 +199,56 @@ class LlamaCppBackend(Backend):
 
     # -- request -------------------------------------------------------------------------
 
-    def _prompt_tokens(self, request: ChatRequest) -> list[int]:
+    def continuation(self, request: ChatRequest, partial: str) -> ChatRequest | None:
+        """Prefill the prompt and the partial answer, sampling as before. Not for tool calls
+        or structured output: their grammar would have to be advanced through the partial."""
+        if request.tools or request.response_format.type != "text":
+            return None
+        prefill = Message(role="assistant", content=partial)
+        messages = [*request.messages, prefill]
+        return dataclasses.replace(request, messages=messages, continue_final_message=True)
+
+    def _prompt_tokens(self, request: ChatRequest) -> tuple[list[int], int]:
+        """The prompt's tokens, and how many of them at its end are a partial answer being
+        continued (``continue_final_message``: prefilled after the generation prompt)."""
         assert self._format is not None and self._llama is not None, "backend not started"
         messages = grammar.prompt_messages(request)
+        partial = ""
+        if request.continue_final_message and messages and messages[-1]["role"] == "assistant":
+            partial = messages.pop()["content"]
         try:
             prompt = self._format(messages)
         except Exception as exc:  # jinja errors: the template rejects this conversation
             raise InvalidRequest(f"The chat template rejected the messages: {exc}") from exc
         tokens: list[int] = self._llama.tokenize(prompt.encode(), add_bos=False, special=True)
+        continued: list[int] = (
+            self._llama.tokenize(partial.encode(), add_bos=False, special=False) if partial else []
+        )
+        tokens += continued
         if len(tokens) >= self.n_ctx:
             raise ContextLengthExceeded(
                 f"This model's context is {self.n_ctx} tokens; the messages take "
                 f"{len(tokens)}. Shorten the messages."
             )
         max_tokens = request.sampling.max_tokens
+        if max_tokens is not None:
+            max_tokens = max(max_tokens - len(continued), 0)
         if max_tokens is not None and len(tokens) + max_tokens > self.n_ctx:
             raise ContextLengthExceeded(
                 f"This model's context is {self.n_ctx} tokens; the messages take "
                 f"{len(tokens)} and max_tokens asks for {max_tokens} more.",
                 param="max_tokens",
             )
-        return tokens
+        return tokens, len(continued)
 
     async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
         grammar.gbnf_for(request)  # a schema the grammar cannot express is a 400, up front
         loop = asyncio.get_running_loop()
-        prompt = await loop.run_in_executor(None, self._prompt_tokens, request)
+        prompt, continued = await loop.run_in_executor(None, self._prompt_tokens, request)
 
         def decode() -> AsyncIterator[Event]:
-            return grammar.tool_call_events(self._decode(prompt, request, cancel), request)
+            events = self._decode(prompt, request, cancel, continued)
+            return grammar.tool_call_events(events, request)
 
         events = admitted(self.queue, cancel, decode, prefill=f"{len(prompt)} prompt tokens")
         async with contextlib.aclosing(events):
@@ -234,12 +256,17 @@ class LlamaCppBackend(Backend):
                 yield event
 
     async def _decode(
-        self, prompt: list[int], request: ChatRequest, cancel: CancelToken
+        self, prompt: list[int], request: ChatRequest, cancel: CancelToken, continued: int = 0
     ) -> AsyncIterator[Event]:
+        """``continued``: the prompt ends with that many tokens of a partial answer; usage
+        counts them as completion tokens, so a continued answer's usage adds up."""
         engine = self._engine
         assert engine is not None, "backend not started"
         params = request.sampling
-        limit = params.max_tokens if params.max_tokens is not None else self.n_ctx - len(prompt)
+        if params.max_tokens is not None:
+            limit = max(params.max_tokens - continued, 0)
+        else:
+            limit = self.n_ctx - len(prompt)
         sequence = Sequence(
             prompt,
             request,
@@ -261,8 +288,8 @@ class LlamaCppBackend(Backend):
                 elif isinstance(item, Finished):
                     seconds = item.decode_seconds
                     yield Usage(
-                        prompt_tokens=item.prompt_tokens,
-                        completion_tokens=item.completion_tokens,
+                        prompt_tokens=item.prompt_tokens - continued,
+                        completion_tokens=item.completion_tokens + continued,
                         cached_tokens=item.cached_tokens,
                         ttft_ms=item.ttft_ms,
                         tokens_per_second=(

@@ -117,9 +117,10 @@ return 1
 # ``grace_ms`` apart (Redis's own clock), before the stream is ended: a producer whose beat
 # was lost to a Redis restart has that long to beat again. Returns -1: no such stream, -2: it
 # has ended already, 0: its producer is alive (or only suspected), n > 0: wrote the failed
-# event with entry id 0-n.
+# event with entry id 0-n. With ``dry`` (ARGV[8] = 1) it writes nothing and returns -3 where
+# it would end the stream (takeover decides), at once for a released stream (producer '').
 # KEYS: events, meta, gone, active, finished, readers
-# ARGV: node key prefix, payload, ttl_ms, gone_ttl_ms, stream_id, now, grace_ms
+# ARGV: node key prefix, payload, ttl_ms, gone_ttl_ms, stream_id, now, grace_ms, dry
 FINALIZE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 if redis.call('HEXISTS', KEYS[2], 'done') == 1 then return -2 end
@@ -128,6 +129,7 @@ if node and node ~= '' and redis.call('EXISTS', ARGV[1] .. node) == 1 then
   redis.call('HDEL', KEYS[2], 'suspect')
   return 0
 end
+if ARGV[8] == '1' and node == '' then return -3 end
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local suspect = redis.call('HGET', KEYS[2], 'suspect')
@@ -136,6 +138,7 @@ if not suspect then
   return 0
 end
 if now_ms - tonumber(suspect) < tonumber(ARGV[7]) then return 0 end
+if ARGV[8] == '1' then return -3 end
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local n = 1
 if #last > 0 then n = tonumber(string.match(last[1][1], '%-(%d+)$')) + 1 end
@@ -170,11 +173,13 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
 return {1, top, node}
 """
 
-# Gives a stream up: its producer field is emptied, so the next claim wins at once.
-# KEYS: meta   ARGV: node
+# Gives a stream up: its producer field is emptied, so the next claim wins at once; in
+# ``active`` it is listed under no node, so every replica's dead-producer sweep sees it.
+# KEYS: meta, active   ARGV: node, stream_id
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'producer') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'producer', '')
+  redis.call('HSET', KEYS[2], ARGV[2], '')
   return 1
 end
 return 0

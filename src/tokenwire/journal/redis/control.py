@@ -142,7 +142,8 @@ class RedisControlPlane(ControlPlane):
     async def release(self, stream_id: str) -> None:
         self._producing.discard(stream_id)
         with translated("releasing a stream"):
-            await self.client.eval(RELEASE, [self.client.keys(stream_id).meta], [self.node])
+            keys = self.client.keys(stream_id)
+            await self.client.eval(RELEASE, [keys.meta, keys.active], [self.node, stream_id])
 
     async def end_if_orphaned(self, stream_id: str) -> int:
         failed = StreamFailed(
@@ -155,12 +156,25 @@ class RedisControlPlane(ControlPlane):
                 "code": "producer_lost",
             }
         )
+        if self.on_orphan is not None:
+            # Takeover first: only once the producer is surely lost, and only if no replica
+            # continues the stream, is it ended.
+            state = await self._finalize(stream_id, self.client.node_key(""), b"", dry=True)
+            if state != ProducerState.LOST:
+                return state
+            try:
+                if await self.on_orphan(stream_id):
+                    return ProducerState.ALIVE
+            except Exception:
+                log.exception("taking stream %s over failed", stream_id)
         result = await self._finalize(stream_id, self.client.node_key(""), encode(failed))
         if result > 0:
             log.warning("stream %s lost its producer; ended it as failed", stream_id)
         return result
 
-    async def _finalize(self, stream_id: str, node_prefix: str, payload: bytes) -> int:
+    async def _finalize(
+        self, stream_id: str, node_prefix: str, payload: bytes, *, dry: bool = False
+    ) -> int:
         args: list[Any] = [
             node_prefix,
             payload,
@@ -169,6 +183,7 @@ class RedisControlPlane(ControlPlane):
             stream_id,
             repr(time.time()),
             int(2 * self.heartbeat * 1000),
+            int(dry),
         ]
         with translated("checking the producer"):
             result = await guarded(
