@@ -245,7 +245,9 @@ class StreamManager:
         if self.control.shared:
             # Kept with the stream, so another replica can continue it (takeover.py).
             meta.request = request.to_dict()
-            producing.request = continuable_request(meta)
+            continuable = continuable_request(meta)
+            if continuable is not None and backend.continuation(continuable, "") is not None:
+                producing.request = continuable  # SIGTERM hands it over (hand_over_all)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(
@@ -411,12 +413,13 @@ class StreamManager:
             return True
         if self.handing_over:
             return True  # shutting down: another replica's sweep takes it
-        meta = await self.journal.meta(stream_id)
-        request = continuable_request(meta)
-        if request is None:
+        try:
+            meta = await self.journal.meta(stream_id)
+            request = continuable_request(meta)
+            backend = self.router.resolve(request.model) if request is not None else None
+        except TokenwireError:  # gone, or a model this replica does not serve
             return False
-        backend = self.router.resolve(request.model)
-        if backend.continuation(request, "") is None:
+        if request is None or backend is None or backend.continuation(request, "") is None:
             return False
         claim = await self.control.claim(stream_id)
         if claim is None:
