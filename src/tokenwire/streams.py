@@ -264,8 +264,7 @@ class StreamManager:
         return meta
 
     def _await_first_reader(self, stream_id: str, producing: _Producing) -> None:
-        # A caller that vanishes before its reader starts (between the response headers and
-        # the first read) never "leaves"; the first reader cancels this timer.
+        # A caller gone before its reader starts never "leaves": the first reader cancels this.
         if producing.readers or producing.done or producing.grace_timer or producing.background:
             return
         wait = max(self.disconnect_grace, _FIRST_READER_WAIT)
@@ -409,10 +408,8 @@ class StreamManager:
     async def _take_over(self, stream_id: str) -> bool:
         """The control plane's orphan handler: claim ``stream_id`` and continue it here if
         it can be continued. True: taken care of (continued here or by another replica)."""
-        if stream_id in self._producing:
-            return True
-        if self.handing_over:
-            return True  # shutting down: another replica's sweep takes it
+        if stream_id in self._producing or self.handing_over:
+            return True  # ours already; or shutting down: another replica's sweep takes it
         try:
             meta = await self.journal.meta(stream_id)
             request = continuable_request(meta)
@@ -442,9 +439,9 @@ class StreamManager:
         producing: _Producing,
     ) -> None:
         """Produce the rest of a claimed stream: the same log, seq from ``claim.next_seq``."""
+        cancel = producing.cancel
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         accepted.set_result(None)
-        cancel = producing.cancel
         terminal: Event | None = None
         events: AsyncIterator[Event] | None = None
         try:
@@ -477,22 +474,15 @@ class StreamManager:
         continue, without a terminal event, and release it so one takes it at once; local
         readers end without a terminal (their clients resume elsewhere). Returns how many."""
         self.handing_over = True
-        handed = {
-            stream_id: producing
-            for stream_id, producing in self._producing.items()
-            if producing.request is not None and not producing.done
-        }
+        handed = {i: p for i, p in self._producing.items() if p.request is not None and not p.done}
         for producing in handed.values():
             producing.handed_over = True
             producing.cancel.cancel("handed_over")
-        tasks = [p.task for p in handed.values() if p.task is not None]
-        if tasks:
+        if tasks := [p.task for p in handed.values() if p.task is not None]:
             await asyncio.wait(tasks, timeout=5.0)
         for stream_id in handed:
-            try:
+            with contextlib.suppress(TokenwireError):  # else claimed once its beat lapses
                 await self.control.release(stream_id)
-            except TokenwireError as exc:
-                log.warning("could not release stream %s: %s", stream_id, exc)
         return len(handed)
 
     # -- read --------------------------------------------------------------------------
