@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from tokenwire.errors import JournalError
 from tokenwire.events import Event, event_from_dict
@@ -285,6 +285,7 @@ class RedisClient:
         self.redis: Any = connect(url)
         self.tasks: set[asyncio.Task[Any]] = set()
         self._scripts: dict[str, Any] = {}
+        self._shas: dict[str, str] = {}
 
     def keys(self, stream_id: str) -> StreamKeys:
         p = self.prefix
@@ -320,6 +321,55 @@ class RedisClient:
         if registered is None:
             registered = self._scripts[script] = self.redis.register_script(script)
         return await registered(keys=keys, args=args)
+
+    async def run_many(self, script: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """``script`` once per call, in one pipeline; results or exceptions, one per call.
+
+        Plain EVALSHA rather than redis-py's Script objects: those send SCRIPT EXISTS before
+        every pipeline, doubling the round trips. NOSCRIPT (a restarted or flushed Redis)
+        loads the script and retries the calls it refused, which did not run.
+        """
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = self.redis.register_script(script).sha
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            try:
+                if len(pending) == 1:
+                    # The common case while tokens trickle in: skip the pipeline machinery.
+                    keys, args = calls[pending[0]]
+                    try:
+                        answers = [await self.redis.evalsha(sha, len(keys), *keys, *args)]
+                    except ResponseError as exc:
+                        answers = [exc]
+                else:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for index in pending:
+                            keys, args = calls[index]
+                            pipe.evalsha(sha, len(keys), *keys, *args)
+                        answers = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                for index in pending:
+                    results[index] = exc
+                return results
+            refused = []
+            for index, answer in zip(pending, answers, strict=True):
+                results[index] = answer
+                if isinstance(answer, NoScriptError):
+                    refused.append(index)
+            if not refused or attempt:
+                break
+            try:
+                sha = self._shas[script] = await self.redis.script_load(script)
+            except (RedisError, OSError) as exc:
+                for index in refused:
+                    results[index] = exc
+                break
+            pending = refused
+        return results
+
+    # -- reading -----------------------------------------------------------------------
 
     async def close(self) -> None:
         if self.tasks:

@@ -22,11 +22,11 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from tokenwire.errors import JournalError, StreamExpired, StreamHandedOver, StreamNotFound
 from tokenwire.events import Event, StreamFailed
@@ -44,6 +44,8 @@ from tokenwire.journal.redis.client import (
 from tokenwire.journal.redis.control import RedisControlPlane
 
 __all__ = ["RedisJournal"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("tokenwire.journal.redis")
 
@@ -161,7 +163,6 @@ class RedisJournal(Journal):
         self.prefix = prefix
         self.read_batch = read_batch
         self.outage = outage
-        self._append_sha = self.client.redis.register_script(APPEND).sha
         self._producing: dict[str, _Producing] = {}
         self._dirty: dict[str, _Producing] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -298,7 +299,7 @@ class RedisJournal(Journal):
             ]
             calls.append((list(self.client.keys(stream_id)), args))
             batch.append((stream_id, state, first + len(payloads) - 1))
-        results = await self._run_appends(calls)
+        results = await self.client.run_many(APPEND, calls)
         trouble = False
         for (stream_id, state, last), result in zip(batch, results, strict=True):
             if not isinstance(result, BaseException) or self._still_done(state, result):
@@ -410,58 +411,29 @@ class RedisJournal(Journal):
             )
         return JournalError(f"Redis journal: appending to '{stream_id}' failed: {result}")
 
-    async def _run_appends(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """One pipeline of EVALSHA calls; results or exceptions, one per call.
-
-        Plain EVALSHA rather than redis-py's Script objects: those send SCRIPT EXISTS before
-        every pipeline, doubling the round trips. NOSCRIPT (a restarted or flushed Redis)
-        loads the script and retries the calls it refused, which did not run.
-        """
-        sha = self._append_sha
-        results: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
-        for attempt in range(2):
+    async def _patiently(self, action: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """A read-side operation, retried while Redis is unreachable (a restart, a failover)
+        for up to ``outage`` seconds, so a resume during an outage waits rather than fails;
+        then its ``JournalError``. ``StreamNotFound`` / ``StreamExpired`` pass at once."""
+        started = time.monotonic()
+        delay = 0.05
+        while True:
             try:
-                if len(pending) == 1:
-                    # The common case while tokens trickle in: skip the pipeline machinery.
-                    keys, args = calls[pending[0]]
-                    try:
-                        answers = [await self._redis.evalsha(sha, len(keys), *keys, *args)]
-                    except ResponseError as exc:
-                        answers = [exc]
-                else:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for index in pending:
-                            keys, args = calls[index]
-                            pipe.evalsha(sha, len(keys), *keys, *args)
-                        answers = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                for index in pending:
-                    results[index] = exc
-                return results
-            refused = []
-            for index, answer in zip(pending, answers, strict=True):
-                results[index] = answer
-                if isinstance(answer, NoScriptError):
-                    refused.append(index)
-            if not refused or attempt:
-                break
-            try:
-                sha = self._append_sha = await self._redis.script_load(APPEND)
-            except (RedisError, OSError) as exc:
-                for index in refused:
-                    results[index] = exc
-                break
-            pending = refused
-        return results
-
-    # -- reading -----------------------------------------------------------------------
+                with translated(action):
+                    return await guarded(operation())
+            except JournalError:
+                if time.monotonic() - started > self.outage:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
 
     async def meta(self, stream_id: str) -> StreamMeta:
-        with translated("reading stream metadata"):
-            raw = await guarded(self._redis.hget(self.client.keys(stream_id).meta, "meta"))
-            if raw is None:
-                await guarded(self._raise_missing(stream_id))
+        meta_key = self.client.keys(stream_id).meta
+        raw = await self._patiently(
+            "reading stream metadata", lambda: self._redis.hget(meta_key, "meta")
+        )
+        if raw is None:
+            await self._patiently("reading stream metadata", lambda: self._raise_missing(stream_id))
         return StreamMeta.from_dict(orjson.loads(raw))
 
     async def snapshot(self, stream_id: str) -> list[Event]:
@@ -500,10 +472,11 @@ class RedisJournal(Journal):
         a little longer than ``outage`` seconds; past that it ends with a ``stream.failed``
         (``journal_unavailable``) of its own, so its client still gets a terminal event."""
         keys = self.client.keys(stream_id)
-        with translated("opening a stream"):
-            exists, done_flag = await guarded(self._redis.hmget(keys.meta, ["meta", "done"]))
-            if exists is None:
-                await guarded(self._raise_missing(stream_id))
+        exists, done_flag = await self._patiently(
+            "opening a stream", lambda: self._redis.hmget(keys.meta, ["meta", "done"])
+        )
+        if exists is None:
+            await self._patiently("opening a stream", lambda: self._raise_missing(stream_id))
         done = done_flag is not None
         lease = _Lease(secrets.token_hex(6))
         last = max(after, -1)
