@@ -96,6 +96,7 @@ class ChaosReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     embedded_identical: int = 0
     embedded_prefix: int = 0
+    embedded_continued: int = 0
     connections: int = 0
     drops: int = 0
     problems: list[str] = field(default_factory=list)
@@ -108,6 +109,7 @@ class ChaosReport:
             "outcomes": dict(self.outcomes),
             "embedded_identical": self.embedded_identical,
             "embedded_prefix_consistent": self.embedded_prefix,
+            "embedded_taken_over": self.embedded_continued,
             "connections": self.connections,
             "client_drops": self.drops,
             "problems": self.problems,
@@ -380,15 +382,34 @@ def check(results: list[StreamResult], references: dict[str, str], base: str,
         if stored != result.events:
             report.problems.append(f"{name}: replay differs: {difference(stored, result, replay)}")
         if result.kind == "embedded":
-            reference = references[result.prompt]
-            if result.outcome() == "completed" and result.text() == reference:
-                report.embedded_identical += 1
-            elif result.outcome() != "completed" and reference.startswith(result.text()):
-                report.embedded_prefix += 1
-            else:
-                report.problems.append(
-                    f"{name}: text {result.text()!r} is not the reference {reference!r}"
-                )
+            check_text(result, references[result.prompt], name, report)
+
+
+def check_text(result: StreamResult, reference: str, name: str, report: ChaosReport) -> None:
+    """Temperature 0: the text an uninterrupted run gives; where it ended early, a prefix
+    of it; after a takeover (a ``progress`` event, stage ``takeover``), what came before it
+    a prefix of it and the continuation counted (identical, or only prefix-consistent:
+    the new replica re-reads the partial answer and may take another path)."""
+    text = result.text()
+    cut = next((i for i, e in enumerate(result.events)
+                if e["type"] == "progress" and e.get("stage") == "takeover"), None)  # fmt: skip
+    if cut is not None:
+        report.embedded_continued += 1
+        before = "".join(
+            e.get("text", "") for e in result.events[:cut] if e["type"] == "text.delta"
+        )
+        if not reference.startswith(before):
+            report.problems.append(f"{name}: {before!r} before its takeover is not a prefix")
+        elif text == reference:
+            report.embedded_identical += 1
+        else:
+            report.embedded_prefix += 1
+    elif result.outcome() == "completed" and text == reference:
+        report.embedded_identical += 1
+    elif result.outcome() != "completed" and reference.startswith(text):
+        report.embedded_prefix += 1
+    else:
+        report.problems.append(f"{name}: text {text!r} is not the reference {reference!r}")
 
 
 def difference(stored: list[dict[str, Any]], result: StreamResult, replay: httpx.Response) -> str:
@@ -413,6 +434,7 @@ def summary(report: ChaosReport) -> str:
     lines.append("faults: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report.faults.items())))
     lines.append("outcomes: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report.outcomes.items())))
     lines.append(f"embedded identical to an uninterrupted run: {report.embedded_identical}, "
-                 f"prefix of it (ended early): {report.embedded_prefix}")  # fmt: skip
+                 f"prefix-consistent (ended early, or continued differently): "
+                 f"{report.embedded_prefix}; taken over: {report.embedded_continued}")  # fmt: skip
     lines += [f"PROBLEM: {p}" for p in report.problems]
     return "\n".join(lines)
