@@ -66,7 +66,7 @@ KNOWN = [
     ),
     Bench("cache_ttft", "engine", "a cache miss (the model)", ("--smoke",)),
     Bench("relay_overhead", "relay", "direct upstream, nginx, LiteLLM proxy, Portkey gateway"),
-    Bench("ttft_breakdown", "relay", "the direct path (a timestamp per stage)"),
+    Bench("ttft_breakdown", "relay", "the direct path (a timestamp per stage)", ("--smoke",)),
     Bench(
         "idle_capacity",
         "capacity",

@@ -119,6 +119,7 @@ def steps(requests: list[dict[str, int]]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (< 30 s)")
+    parser.add_argument("--smoke", action="store_true", help="CI: a few requests (~10 s)")
     parser.add_argument("--requests", type=int, default=300, help="per path")
     parser.add_argument("--chunks", type=int, default=2)
     parser.add_argument("--gap", type=float, default=0.02)
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests = 60
+    if args.smoke:
+        args.requests = 8
 
     up_port, tw_port = free_port(), free_port()
     notes_file = Path(tempfile.mkstemp(prefix="tw-ttft-", suffix=".json")[1])
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tw = stack.enter_context(process(probe))
         wait_healthy(f"http://127.0.0.1:{tw_port}/healthz", tw, 60)
         direct, relay = Target(up_port), Target(tw_port)
-        for _ in range(20):  # warm-up
+        for _ in range(3 if args.smoke else 20):  # warm-up
             request(direct, args.chunks, 0.001)
             request(relay, args.chunks, 0.001)
         realtime = [os.getpid(), upstream.pid, tw.pid] if args.realtime else []
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if values:
             result["spans_ms_p50"][label] = round(statistics.median(values), 4)
             lines.append(f"| **{label}** | **{statistics.median(values):.3f}** | | |")
-    write_results("ttft_breakdown" + ("_quick" if args.quick else ""), result, "\n".join(lines))
+    stem = "ttft_breakdown" + ("_smoke" if args.smoke else "_quick" if args.quick else "")
+    write_results(stem, result, "\n".join(lines))
     return result
 
 

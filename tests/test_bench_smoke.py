@@ -27,7 +27,7 @@ def test_run_all_smoke_writes_the_summary() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((RESULTS / "summary_smoke.json").read_text())
     runs = {run["name"]: run for run in summary["runs"]}
-    assert {"batching", "idle_capacity", "cache_ttft", "asgi_json"} <= set(runs)
+    assert {"batching", "idle_capacity", "cache_ttft", "asgi_json", "ttft_breakdown"} <= set(runs)
     assert all(run["status"] == "ok" for run in runs.values())
     # Heavy peers (a second model server, LiteLLM) are skipped in smoke mode, and say so.
     assert "embedded_vs_llamacpp" in summary["skipped"]
@@ -44,6 +44,18 @@ def test_run_all_smoke_writes_the_summary() -> None:
     capacity = runs["idle_capacity"]["headlines"]
     assert {f["question"] for f in capacity} == {"capacity"}
     assert any("gateway stream" in f["what"] and f["goal"] == 20 for f in capacity)
+    # The probe still finds the server's stages (it wraps functions by name: a refactor that
+    # moves one must move the probe too, or its breakdown silently loses steps).
+    breakdown = json.loads((RESULTS / "ttft_breakdown_smoke.json").read_text())
+    found = {step["stage"] for step in breakdown["steps"]}
+    assert {
+        "handler called (routing, middleware)",
+        "producer task runs",
+        "first token journaled",
+        "headers written",
+    } <= found, found
+    assert found & {"first token frame written", "frame written directly"}, found
+    assert len(found) >= 15, found
     table = (RESULTS / "summary_smoke.md").read_text()
     assert "## Engine" in table and "## Capacity" in table and "## Server stack" in table
     assert "| batching | engine |" in table and "# Continuous batching" in table
