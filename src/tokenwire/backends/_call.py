@@ -10,9 +10,10 @@ It promises:
 - ``opened`` resolves when the upstream answered 2xx; refused connections, 5xx and timeouts
   raise ``BackendUnavailable`` / ``BackendTimeout``, a 4xx the client caused raises
   ``InvalidRequest`` (the gateway fails over on the former, never on the latter);
-- up to the first token a task of the call's own reads (so the gateway can wait for
-  ``ready`` with a deadline and fail over before anything reached the client); from then
-  on the consumer reads in its own task, so a chunk goes from the socket to the journal
+- up to the first token a task of the call's own reads, while the consumer waits for its
+  events (nothing reached the client yet, so the gateway can fail over; ``announce_at``
+  hands the consumer a progress event if the first token is slow; ``ready`` resolves at
+  the first token, for whoever watches it); from then on the consumer reads in its own task, so a chunk goes from the socket to the journal
   with no hand-off between tasks; given a sink (``push_to``), the events of each read go
   to it in the network callback itself, with no task woken at all;
 - a read's good messages go out before a bad one's error;
