@@ -13,9 +13,10 @@ It promises:
 - up to the first token a task of the call's own reads, while the consumer waits for its
   events (nothing reached the client yet, so the gateway can fail over; ``announce_at``
   hands the consumer a progress event if the first token is slow; ``ready`` resolves at
-  the first token, for whoever watches it); from then on the consumer reads in its own task, so a chunk goes from the socket to the journal
-  with no hand-off between tasks; given a sink (``push_to``), the events of each read go
-  to it in the network callback itself, with no task woken at all;
+  the first token, for whoever watches it); from then on the consumer reads in its own
+  task, so a chunk goes from the socket to the journal with no hand-off between tasks;
+  given a sink (``push_to``), the events of each read go to it in the network callback
+  itself, with no task woken at all;
 - a read's good messages go out before a bad one's error;
 - a first-token deadline, then an inter-token idle deadline (time spent waiting on the
   upstream), both kept by one timer that is re-armed only when it fires (no per-chunk
