@@ -36,6 +36,7 @@ from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols.ui_message_stream import PROTOCOL, Renderer
 
 from .conftest import RunningServer, tokenwire_server
+from .scripted import ScriptedBackend, serve_app_in_thread
 from .uichat_support import SDKS, assistant_messages, chunks, kinds, run_chat, text_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -182,6 +183,49 @@ def test_a_stream_taken_over_by_another_replica_is_still_one_message() -> None:
     types = [p if p == "[DONE]" else json.loads(p)["type"] for p in got]
     assert types == ["start", "start-step", "text-start", "text-delta", "text-delta",
                      "text-end", "finish-step", "finish", "[DONE]"]  # fmt: skip
+
+
+def test_ui_messages_with_tool_parts_become_the_conversation_the_model_had() -> None:
+    parsed = PROTOCOL.parse(
+        {
+            "id": "c",
+            "system": "Be brief.",
+            "messages": [
+                {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "Weather?"}]},
+                {"id": "a1", "role": "assistant", "parts": [
+                    {"type": "step-start"},
+                    {"type": "tool-get_weather", "toolCallId": "c1", "state": "output-available",
+                     "input": {"city": "Rome"}, "output": {"sky": "sunny"}},
+                    {"type": "step-start"},
+                    {"type": "text", "text": "Sunny."},
+                    {"type": "reasoning", "text": "ignored"},
+                ]},
+                {"id": "u2", "role": "user", "parts": [{"type": "text", "text": "Thanks"},
+                                                        {"type": "file", "url": "x"}]},
+            ],
+            "temperature": 0.2, "seed": 7, "maxOutputTokens": 9, "toolChoice": "none",
+            "somethingElse": True,
+        }
+    )  # fmt: skip
+    request = parsed.request
+    assert [(m.role, m.content) for m in request.messages] == [
+        ("system", "Be brief."),
+        ("user", "Weather?"),
+        ("assistant", ""),
+        ("tool", '{"sky":"sunny"}'),
+        ("assistant", "Sunny."),
+        ("user", "Thanks"),
+    ]
+    call = request.messages[2].tool_calls[0]
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "c1",
+        "get_weather",
+        {"city": "Rome"},
+    )
+    assert request.messages[3].tool_call_id == "c1"
+    assert (request.sampling.temperature, request.sampling.seed) == (0.2, 7)
+    assert request.sampling.max_tokens == 9 and request.tool_choice == "none"
+    assert parsed.render == {"version": 6, "chat": "c"}
 
 
 # -- the SDK's chat against the embedded model -----------------------------------------------
@@ -336,6 +380,23 @@ def test_the_server_keeps_the_conversation_for_the_one_message_form(
     after = second[-1]["messageMetadata"]["usage"]["inputTokens"]
     answer = "".join(c["delta"] for c in first if c["type"] == "text-delta")
     assert after > before + len(answer) // 8
+
+
+def test_the_path_and_the_default_chunk_set_are_settings() -> None:
+    """``--ui-chat-path`` moves every route; ``--ui-chat-version 5`` drops finishReason."""
+    backend = ScriptedBackend(pieces=["Hi", "!"])
+    with serve_app_in_thread(backend, ui_chat_path="/v2/talk", ui_chat_version=5) as url:
+        part = {"type": "text", "text": "hello"}
+        body = {"id": "c1", "messages": [{"id": "u", "role": "user", "parts": [part]}]}
+        answer = httpx.post(f"{url}/v2/talk", json=body, timeout=30)
+        assert answer.status_code == 200
+        finish = [json.loads(line[6:]) for line in answer.text.splitlines()
+                  if line.startswith('data: {"type":"finish"')]  # fmt: skip
+        assert finish == [{"type": "finish", "messageMetadata": finish[0]["messageMetadata"]}]
+        assert httpx.get(f"{url}/v2/talk/c1/stream", timeout=30).status_code == 204
+        assert httpx.post(f"{url}/api/chat", json=body, timeout=30).status_code == 404
+        paths = httpx.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+        assert "/v2/talk/{id}/stop" in paths and "/api/chat" not in paths
 
 
 # -- ai@7's WebSocket transport --------------------------------------------------------------
