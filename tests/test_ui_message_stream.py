@@ -147,6 +147,18 @@ def test_ai5_rejects_the_v6_chunk_set_so_the_version_setting_matters() -> None:
         run_chat("ai5", "validate", payloads=payloads)
 
 
+def test_ai5_reads_the_v5_chunk_set_and_throws_on_the_v6_one(ui_server: RunningServer) -> None:
+    """ai@5.0's own client, end to end: fine with uiMessageStreamVersion 5; the default (6)
+    sends finish.finishReason, which its strict schema rejects."""
+    body = {"maxOutputTokens": 12, "seed": 1}
+    ok = run_chat("ai5", "full", api=api(ui_server), id=chat_id("v5"), text="Say hi.",
+                  body={**body, "uiMessageStreamVersion": 5})  # fmt: skip
+    assert ok["chat"]["status"] == "ready" and ok["chat"]["error"] is None and ok["text"]
+    bad = run_chat("ai5", "full", api=api(ui_server), id=chat_id("v6"), text="Say hi.",
+                   body=body, check=False)  # fmt: skip
+    assert bad["chat"]["status"] == "error" and "finishReason" in bad["chat"]["error"]
+
+
 def test_text_blocks_and_tool_steps_are_well_formed() -> None:
     got = [json.loads(p) if p != "[DONE]" else p for p in render_all(list(EVERY_KIND))]
     kinds_ = [c if isinstance(c, str) else c["type"] for c in got]
