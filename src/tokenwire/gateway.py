@@ -284,6 +284,15 @@ class Gateway(Backend):
         order = {id(u): i for i, u in enumerate(self.upstreams)}
         return sorted(upstreams, key=lambda u: (u.cooling_down(), u.config.priority, order[id(u)]))
 
+    def continuation(self, request: ChatRequest, partial: str) -> ChatRequest | None:
+        """Continued (takeover) only where every upstream it may fail over to can."""
+        try:
+            plan = self.plan(request.model)
+        except ModelNotFound:
+            return None
+        continued = [upstream.backend.continuation(request, partial) for upstream, _ in plan]
+        return continued[0] if all(c is not None for c in continued) else None
+
     # -- streaming -------------------------------------------------------------------------
 
     def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:

@@ -155,3 +155,39 @@ def test_sigterm_hands_streams_over_at_once(
     print("takeover after SIGTERM:", assert_taken_over(events, reference, before))
     log = leaving.log()
     assert "handed 1 stream(s) over" in log, log
+
+
+@pytest.mark.timeout(300)
+def test_an_anthropic_upstream_stream_is_continued_with_an_assistant_prefill(
+    redis: RedisServer,
+) -> None:
+    """Gateways in front of an Anthropic Messages upstream (here a tokenwire serving the
+    embedded model, which continues a final assistant turn as Anthropic does): the replica
+    that takes the stream over sends the partial answer as a prefill."""
+    with tokenwire_server("--threads", "1") as upstream:
+        with Client(upstream.url, protocol="anthropic") as direct:
+            answer = direct.chat.create(messages=STORY, **GREEDY).text
+        gateway = [
+            *replica_args(redis), "--no-embedded",
+            "--upstream", f"claude=anthropic+{upstream.url}/v1",
+        ]  # fmt: skip
+        with tokenwire_server(*gateway) as survivor:
+            with tokenwire_server(*gateway) as doomed:
+                stream_id, last, before = start_on(doomed, cut_after=1500)
+                with Client(survivor.url) as client:
+                    for count, _ in enumerate(client.streams.resume(stream_id, after=last)):
+                        if count == 2:
+                            os.kill(doomed.process.pid, signal.SIGKILL)
+                doomed.process.wait(timeout=10)
+            events = journal_of(survivor, stream_id)
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == StreamCompleted.type
+    stages = [e.get("stage") for e in events if e["type"] == Progress.type]
+    assert stages.count("takeover") == 1
+    seam = next(i for i, e in enumerate(events) if e.get("stage") == "takeover")
+    streamed = "".join(e["text"] for e in events[:seam] if e["type"] == TextDelta.type)
+    text = "".join(e["text"] for e in events if e["type"] == TextDelta.type)
+    assert streamed.startswith(before) and answer.startswith(streamed)
+    assert text.startswith(streamed) and len(text) > len(streamed)
+    # max_tokens counts from the takeover upstream: the answer goes on at least as far.
+    print("anthropic upstream takeover:", "identical" if text.startswith(answer) else text)

@@ -253,6 +253,8 @@ def parse(body: Any) -> tuple[ChatRequest, MessagesRequest]:
         ],
         tool_choice=tool_choice,
         include_usage=True,
+        # A final assistant turn is a prefill the answer continues (Anthropic's semantics).
+        continue_final_message=messages[-1].role == "assistant" and not messages[-1].tool_calls,
         extra={"user": wire.metadata.user_id} if wire.metadata and wire.metadata.user_id else {},
     )
     return request, wire
