@@ -94,6 +94,28 @@ def test_stop_after_a_resume_on_the_other_replica(cluster: Cluster, sdk: str) ->
         assert gone.status_code == 204
 
 
+def test_websocket_transport_resumes_and_stops_on_the_other_replica(
+    cluster: Cluster, reference: str
+) -> None:
+    """ai@7's WebSocketChatTransport: the socket to replica A closes mid-answer (a reload), a
+    new one to B resumes it; then the same with Stop by the abort frame, through nginx."""
+    ws_a = cluster.a.url.replace("http://", "ws://") + "/api/chat"
+    ws_b = cluster.b.url.replace("http://", "ws://") + "/api/chat"
+    result = run_chat("ai7", "reload", websocket=ws_a, resumeWebsocket=ws_b,
+                      api=f"{cluster.a.url}/api/chat", id=chat_id("ws"), text=STORY,
+                      body=SEEDED, cutAfter=3)  # fmt: skip
+    answers = assistant_messages(result["chat"])
+    assert len(answers) == 1 and text_of(answers[0]) == reference
+    assert result["exchanges"][-1]["url"].startswith(ws_b)
+    ws_nginx = cluster.nginx.url.replace("http://", "ws://") + "/api/chat"
+    stop = run_chat("ai7", "stopAfterResume", websocket=ws_a, resumeWebsocket=ws_nginx,
+                    api=f"{cluster.nginx.url}/api/chat", id=chat_id("wss"), text=STORY,
+                    body={**SEEDED, "maxOutputTokens": 600}, cutAfter=3,
+                    stopAfter=3)  # fmt: skip
+    assert stop["textLater"] == stop["textAtStop"]
+    assert stop["afterStatus"] == 204
+
+
 def test_a_second_post_on_the_other_replica_is_409(cluster: Cluster) -> None:
     chat = chat_id("busy")
     body = {"id": chat, "messages": [{"id": "u1", "role": "user",

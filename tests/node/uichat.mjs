@@ -219,20 +219,20 @@ class Chat extends AbstractChat {
   }
 }
 
-function transport(api, body) {
-  if (args.websocket) {
-    return new sdk.WebSocketChatTransport({ url: args.websocket, body, webSocket: RecordingWebSocket });
+function transport(api, body, websocket) {
+  if (websocket) {
+    return new sdk.WebSocketChatTransport({ url: websocket, body, webSocket: RecordingWebSocket });
   }
   return new DefaultChatTransport({ api, body, fetch: recordingFetch });
 }
 
-function newChat(id, { api = args.api, messages = [] } = {}) {
+function newChat(id, { api = args.api, websocket = args.websocket, messages = [] } = {}) {
   const errors = [];
   const finishes = [];
   const chat = new Chat({
     id,
     messages,
-    transport: transport(api, args.body ?? {}),
+    transport: transport(api, args.body ?? {}, websocket),
     onError: (error) => errors.push(String(error?.message ?? error)),
     onFinish: ({ isAbort, isDisconnect, isError, finishReason }) =>
       finishes.push({ isAbort, isDisconnect, isError, finishReason: finishReason ?? null }),
@@ -283,7 +283,11 @@ async function sendAndReload(chatId) {
   await sending;
   const atCut = structuredClone(first.messages);
   const textAtCut = textOf(first);
-  const second = newChat(chatId, { api: args.resumeApi ?? args.api, messages: atCut });
+  const second = newChat(chatId, {
+    api: args.resumeApi ?? args.api,
+    websocket: args.resumeWebsocket ?? args.websocket,
+    messages: atCut,
+  });
   return { first, second, textAtCut };
 }
 
