@@ -70,3 +70,31 @@ def test_no_stops_passes_text_through() -> None:
     matcher = StopMatcher([])
     assert matcher.feed("abc") == ("abc", False)
     assert matcher.flush() == ""
+
+
+@given(
+    text=st.text(alphabet="ab<|>x ", max_size=40),
+    stops=st.lists(st.text(alphabet="ab<|>", min_size=1, max_size=5), min_size=1, max_size=3),
+    cut=st.integers(min_value=0, max_value=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=12),
+)
+def test_a_primed_matcher_continues_where_the_client_is(
+    text: str, stops: list[str], cut: int, cuts: list[int]
+) -> None:
+    """A continued stream (issue 18): the client has ``text[:cut]``; the matcher primed with
+    it sends only what follows, and a stop that began in it still matches."""
+    whole, matched = expected(text, stops)
+    cut = min(cut, len(whole))  # the client never has text past a stop's start
+    if expected(text[:cut], stops)[1]:
+        return  # a stop inside what the client has: that stream had ended
+    matcher = StopMatcher(stops)
+    matcher.prime(text[:cut])
+    out, hit = [], False
+    for piece in splits(text[cut:], cuts):
+        sent, hit = matcher.feed(piece)
+        out.append(sent)
+        if hit:
+            break
+    if not hit:
+        out.append(matcher.flush())
+    assert (text[:cut] + "".join(out), hit) == (whole, matched)

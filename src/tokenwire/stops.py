@@ -12,12 +12,23 @@ __all__ = ["StopMatcher"]
 
 
 class StopMatcher:
-    __slots__ = ("_held", "_max_hold", "stops")
+    __slots__ = ("_held", "_max_hold", "_sent", "stops")
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = [s for s in stops if s]
         self._held = ""
+        self._sent = 0  # leading characters of _held the client already has (prime)
         self._max_hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def prime(self, text: str) -> None:
+        """Start after ``text``, which the client already has (a continued stream): a stop
+        that begins in it and ends in new text still matches, and none of it is sent again.
+        """
+        if not self.stops or not text:
+            return
+        hold = min(self._max_hold, len(text))
+        self._held = text[len(text) - hold :] if hold else ""
+        self._sent = len(self._held)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add decoded text; return (text safe to emit now, whether a stop matched).
@@ -26,6 +37,7 @@ class StopMatcher:
         """
         if not self.stops:
             return text, False
+        sent = self._sent
         buffer = self._held + text
         # Generation stops where a stop sequence is first *completed* (the earliest end),
         # so the result does not depend on how the text was split into tokens.
@@ -38,11 +50,13 @@ class StopMatcher:
             if cut_end == -1 or end < cut_end or (end == cut_end and index < cut_start):
                 cut_end, cut_start = end, index
         if cut_end != -1:
-            self._held = ""
-            return buffer[:cut_start], True
+            self._held, self._sent = "", 0
+            return buffer[sent:cut_start], True
         hold = self._holdback(buffer)
         self._held = buffer[len(buffer) - hold :] if hold else ""
-        return buffer[: len(buffer) - hold], False
+        out = buffer[: len(buffer) - hold]
+        self._sent = max(0, sent - len(out))
+        return out[sent:], False
 
     def _holdback(self, buffer: str) -> int:
         """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop."""
@@ -54,5 +68,6 @@ class StopMatcher:
 
     def flush(self) -> str:
         """Text held back when generation ended without completing a stop."""
-        held, self._held = self._held, ""
-        return held
+        held, sent = self._held, self._sent
+        self._held, self._sent = "", 0
+        return held[sent:]

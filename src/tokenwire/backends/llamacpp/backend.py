@@ -200,9 +200,11 @@ class LlamaCppBackend(Backend):
     # -- request -------------------------------------------------------------------------
 
     def continuation(self, request: ChatRequest, partial: str) -> ChatRequest | None:
-        """Prefill the prompt and the partial answer, sampling as before. Not for tool calls
-        or structured output: their grammar would have to be advanced through the partial."""
-        if request.tools or request.response_format.type != "text":
+        """Prefill the prompt and the partial answer, sampling as before: the samplers
+        (penalties, a JSON grammar) replay the partial answer and stop sequences that began
+        in it still match (engine.py, ``Sequence``). Not for tool calls: the partial answer
+        may stop inside a call's arguments."""
+        if request.tools:
             return None
         prefill = Message(role="assistant", content=partial)
         messages = [*request.messages, prefill]
@@ -241,6 +243,14 @@ class LlamaCppBackend(Backend):
             )
         return tokens, len(continued)
 
+    @staticmethod
+    def _partial(request: ChatRequest) -> str:
+        """The partial answer a continued request ends with (``continue_final_message``)."""
+        last = request.messages[-1] if request.messages else None
+        if request.continue_final_message and last is not None and last.role == "assistant":
+            return last.content
+        return ""
+
     async def stream(self, request: ChatRequest, cancel: CancelToken) -> AsyncIterator[Event]:
         grammar.gbnf_for(request)  # a schema the grammar cannot express is a 400, up front
         loop = asyncio.get_running_loop()
@@ -258,15 +268,19 @@ class LlamaCppBackend(Backend):
     async def _decode(
         self, prompt: list[int], request: ChatRequest, cancel: CancelToken, continued: int = 0
     ) -> AsyncIterator[Event]:
-        """``continued``: the prompt ends with that many tokens of a partial answer; usage
-        counts them as completion tokens, so a continued answer's usage adds up."""
+        """``continued``: the prompt ends with that many tokens of a partial answer; they are
+        the sequence's ``produced`` tokens, counted by ``max_tokens`` and usage as completion
+        tokens, so a continued answer's usage adds up."""
         engine = self._engine
         assert engine is not None, "backend not started"
         params = request.sampling
-        if params.max_tokens is not None:
-            limit = max(params.max_tokens - continued, 0)
-        else:
-            limit = self.n_ctx - len(prompt)
+        split = len(prompt) - continued
+        prompt, produced = prompt[:split], prompt[split:]
+        limit = params.max_tokens if params.max_tokens is not None else self.n_ctx - len(prompt)
+        if produced and len(produced) >= limit:  # the answer so far already used max_tokens
+            yield Usage(prompt_tokens=len(prompt), completion_tokens=len(produced))
+            yield StreamCompleted(finish_reason="length")
+            return
         sequence = Sequence(
             prompt,
             request,
@@ -274,6 +288,8 @@ class LlamaCppBackend(Backend):
             cancel,
             asyncio.get_running_loop(),
             grammar=grammar.llama_grammar(request),  # JSON / tool calls (grammar.py)
+            produced=produced,
+            partial=self._partial(request),
         )
         queue = sequence.queue
         engine.submit(sequence)
@@ -287,18 +303,19 @@ class LlamaCppBackend(Backend):
                     yield TextDelta(text=item)
                 elif isinstance(item, Finished):
                     seconds = item.decode_seconds
+                    new_tokens = item.completion_tokens - item.produced_tokens
                     yield Usage(
-                        prompt_tokens=item.prompt_tokens - continued,
-                        completion_tokens=item.completion_tokens + continued,
+                        prompt_tokens=item.prompt_tokens,
+                        completion_tokens=item.completion_tokens,  # with the partial answer
                         cached_tokens=item.cached_tokens,
                         ttft_ms=item.ttft_ms,
-                        tokens_per_second=(
-                            round(item.completion_tokens / seconds, 2) if seconds > 0 else None
-                        ),
+                        tokens_per_second=round(new_tokens / seconds, 2) if seconds > 0 else None,
                     )
                     if item.finish_reason != "cancelled":
                         yield StreamCompleted(finish_reason=item.finish_reason)
                     return
+                elif isinstance(item, InvalidRequest):  # a partial answer its grammar refuses
+                    raise item
                 else:
                     raise BackendError(f"the embedded model failed: {item}") from item
         finally:

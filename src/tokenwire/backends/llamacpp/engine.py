@@ -29,7 +29,7 @@ from typing import Any
 from tokenwire.backends.llamacpp.calibration import pick_split, pick_threads, thread_candidates
 from tokenwire.backends.llamacpp.sampling import Sampling
 from tokenwire.backends.llamacpp.sequence import RELEASED, Finished, Sequence, deliver
-from tokenwire.errors import BackendError
+from tokenwire.errors import BackendError, InvalidRequest
 
 __all__ = ["BatchEngine"]
 
@@ -230,6 +230,13 @@ class BatchEngine:
         seq_id = heapq.heappop(self._free_ids)
         sequence.seq_id = seq_id
         self.sampling.attach(sequence)
+        if sequence.produced and not self.sampling.replay(sequence):
+            error = InvalidRequest(
+                "The answer to continue does not fit the request's output format "
+                "(its grammar rejects the text produced so far)."
+            )
+            self._finish(sequence, error=error)
+            return
         prompt = sequence.prompt
         # The lowest free id keeps the step's ids contiguous (see _step); if another free
         # id holds a longer prefix of this prompt, its cells are copied over first.
@@ -286,8 +293,9 @@ class BatchEngine:
                 sequence,
                 Finished(
                     finish_reason="stop" if reason == "stop_matched" else reason,
-                    prompt_tokens=len(sequence.prompt),
+                    prompt_tokens=len(sequence.prompt) - len(sequence.produced),
                     completion_tokens=sequence.completed,
+                    produced_tokens=len(sequence.produced),
                     cached_tokens=sequence.cached,
                     ttft_ms=round((first - sequence.submitted) * 1000, 2) if first else None,
                     decode_seconds=(time.perf_counter() - first) if first else 0.0,

@@ -59,6 +59,29 @@ class Sampling:
         """Give ``sequence`` its sampler chain (and its grammar sampler, if any)."""
         sequence.sampler = self._chain(sequence)
 
+    def replay(self, sequence: Sequence) -> bool:
+        """Advance ``sequence``'s samplers through the tokens it already produced (penalty
+        history, grammar state); False if its grammar rejects one of them."""
+        chain = sequence.sampler.sampler
+        grammar = sequence.grammar_sampler
+        for token in sequence.produced:
+            if grammar is not None:
+                if not self._allows(grammar, token):
+                    return False
+                self._lib.llama_sampler_accept(grammar, token)
+            self._lib.llama_sampler_accept(chain, token)
+        return True
+
+    def _allows(self, grammar: Any, token: int) -> bool:
+        """Whether ``grammar`` in its current state accepts ``token`` (accepting a token it
+        rejects would abort the process inside llama.cpp)."""
+        single = self._single
+        single.size, single.selected, single.sorted = 1, -1, False
+        checked = self._single_view
+        checked["id"], checked["logit"] = token, 1.0
+        self._lib.llama_sampler_apply(grammar, self._single_ref)
+        return bool(checked["logit"][0] != float("-inf"))
+
     def detach(self, sequence: Sequence) -> None:
         """Free ``sequence``'s samplers."""
         if sequence.sampler is not None:

@@ -30,6 +30,7 @@ class Finished:
     ttft_ms: float | None
     decode_seconds: float
     cached_tokens: int = 0
+    produced_tokens: int = 0  # of completion_tokens, those a continued stream started with
 
 
 Item = str | Finished | BaseException
@@ -51,8 +52,14 @@ class Sequence:
         cancel: CancelToken,
         loop: asyncio.AbstractEventLoop,
         grammar: Any = None,
+        produced: list[int] | None = None,
+        partial: str = "",
     ) -> None:
-        self.prompt = prompt
+        # A continued stream (``continue_final_message``): its answer so far (``partial``, as
+        # tokens ``produced``) is prefilled after the prompt, replayed through the samplers,
+        # primes the stop sequences, and counts as completion tokens.
+        self.produced = produced or []
+        self.prompt = prompt + self.produced  # every token fed before the first sample
         self.request = request
         self.limit = limit
         self.cancel = cancel
@@ -65,13 +72,14 @@ class Sequence:
         self.fed = 0  # prompt tokens already in the KV cache
         self.cached = 0  # prompt tokens whose KV cells a finished stream left behind
         self.next_token = -1  # sampled, to be fed in the next step
-        self.completed = 0
+        self.completed = len(self.produced)
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
         self.sampler: Any = None
         self.grammar_sampler: Any = None  # a llama_sampler pointer, outside the chain
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = StopMatcher(request.sampling.stop)
+        self.stops.prime(partial)
 
     @property
     def prefilling(self) -> bool:
