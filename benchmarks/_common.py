@@ -132,9 +132,11 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> Non
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str] | None = None
+    args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    with tempfile.TemporaryFile() as log:
+    """Run ``args`` until the block ends; its output goes to ``log_path`` (kept, for a
+    benchmark that reads what the server logged) or to a temporary file."""
+    with open(log_path, "wb") if log_path else tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )

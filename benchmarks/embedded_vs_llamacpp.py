@@ -32,9 +32,11 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,7 @@ class Server:
     concurrent: list[dict[str, Any]] = field(default_factory=list)
     own: list[dict[str, Any]] = field(default_factory=list)
     loads: list[float] = field(default_factory=list)
+    chosen: str = ""  # tokenwire: the threads it measured at load (decode/batch)
 
 
 def one_stream(base: str, model: str, max_tokens: int, tag: str = "") -> dict[str, Any]:
@@ -229,7 +232,7 @@ def build_servers(args: argparse.Namespace, model: str) -> tuple[list[Server], l
     port = free_port()
     tokenwire_cmd = [
         python, "-m", "tokenwire.cli.main", "serve", "--port", str(port),
-        "--ctx", str(args.ctx), "--log-level", "warning",
+        "--ctx", str(args.ctx), "--log-level", "info",
     ]  # fmt: skip
     if args.tokenwire_threads:
         tokenwire_cmd += ["--threads", str(args.tokenwire_threads)]
@@ -312,9 +315,21 @@ def run(args: argparse.Namespace, servers: list[Server], model: str) -> None:
     concurrent_rounds = 1 if args.quick else 3
     concurrent_tokens = 32 if args.quick else 64
     with contextlib.ExitStack() as stack:
-        procs = [stack.enter_context(process(s.command)) for s in servers]
+        logs = stack.enter_context(tempfile.TemporaryDirectory())
+        procs = [
+            stack.enter_context(process(s.command, log_path=Path(logs) / f"{i}.log"))
+            for i, s in enumerate(servers)
+        ]
         for server, proc in zip(servers, procs, strict=True):
             wait_healthy(server.health, proc, 180)
+        for i, server in enumerate(servers):
+            if server.kind == "tokenwire":  # the threads it chose at load, and why
+                found = re.search(
+                    r"(\d+)/(\d+) threads.*?by threads at load: (.*)\)",
+                    (Path(logs) / f"{i}.log").read_text(errors="replace"),
+                )
+                if found:
+                    server.chosen = f"{found[1]}/{found[2]} (step seconds: {found[3]})"
         for server in servers:  # warm all (first-request effects)
             one_stream(server.base, server.model, 8)
         for index in range(rounds):
@@ -452,7 +467,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rounds": rounds,
             "max_tokens": max_tokens,
             "threads_options": args.threads_options,
-            "tokenwire_threads": args.tokenwire_threads or "auto (measured at load)",
+            "tokenwire_threads": args.tokenwire_threads
+            or f"measured at load: {servers[0].chosen or '?'}",
             "streams": args.streams,
         },
         "engine_tokens_per_s_by_threads": engine,
