@@ -434,17 +434,19 @@ class BatchEngine:
         threads = self.n_threads
         if threads is None:
             threads, self.thread_costs["decode"] = pick_threads(
-                lambda: self._throwaway(1, steps=4),
+                lambda: self._throwaway(1, steps=2),
                 lambda n: lib.llama_set_n_threads(ctx, n, n),
                 thread_candidates(),
             )
             self.n_threads = threads
         batch_threads = self.n_threads_batch
         if batch_threads is None and self.thread_costs:
+            # Only the counts that survived the one-token rounds: one that lost 3x there is
+            # waiting on busy cores, and its batched warm-up would take seconds more.
             batch_threads, self.thread_costs["batch"] = pick_threads(
-                lambda: self._throwaway(self.prefill_chunk),
+                lambda: self._throwaway(min(self.prefill_chunk, 32)),
                 lambda n: lib.llama_set_n_threads(ctx, threads, n),
-                thread_candidates(),
+                sorted(self.thread_costs["decode"]),
                 rounds=3,
             )
         self.n_threads_batch = batch_threads or threads
