@@ -268,6 +268,9 @@ class Gateway(Backend):
             seen.setdefault(alias, ModelInfo(alias, owned_by="gateway"))
         return list(seen.values())
 
+    def serves(self, model: str) -> bool:
+        return model in self.aliases or any(u.sent_as(model) for u in self.upstreams)
+
     def plan(self, model: str) -> list[tuple[Upstream, str]]:
         """The upstreams to try for ``model``, in order, each with the name it is sent: the
         one place aliases (the gateway's, then each upstream's) are resolved."""

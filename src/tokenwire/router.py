@@ -28,7 +28,7 @@ class Router:
         if model == DEFAULT_MODEL:
             return self.default
         for backend in self.backends:
-            if any(info.id == model for info in backend.models()):
+            if backend.serves(model):
                 return backend
         raise ModelNotFound(model)
 

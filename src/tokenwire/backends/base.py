@@ -81,6 +81,11 @@ class Backend(abc.ABC):
         """The model names this backend serves, as listed by ``/v1/models``."""
         return []
 
+    def serves(self, model: str) -> bool:
+        """Whether ``model`` is one of ``models()`` (the router asks on every request: a
+        backend with many names answers without listing them)."""
+        return any(info.id == model for info in self.models())
+
     async def start(self) -> None:  # noqa: B027
         """Load, connect, warm up. Called once before the server accepts requests."""
 
