@@ -37,11 +37,12 @@ from .services import Sentinel, nginx, redis_sentinel
 __all__ = ["ChaosReport", "ChaosSettings", "run_chaos", "summary"]
 
 TERMINAL = ("stream.completed", "stream.cancelled", "stream.failed")
+#: Prompts the embedded model answers at length (greedy), so faults meet answers mid-way.
 PROMPTS = [
-    "Name three colours.",
-    "What is the capital of France?",
-    "Say hello in French.",
-    "List two animals that live in the sea.",
+    "Count from 1 to 200, separated by commas.",
+    "Write a long story about a dragon who learns to sing.",
+    "List the numbers from 50 to 150, one per line.",
+    "Explain in detail how a bicycle works.",
 ]
 
 
@@ -51,7 +52,7 @@ class ChaosSettings:
     upstream_streams: int = 24
     #: Seconds over which streams are started (so faults meet them at every stage).
     launch_over: float = 20.0
-    embedded_max_tokens: int = 40
+    embedded_max_tokens: int = 64
     #: Chance a connection is dropped by its client (then resumed) before the stream ends.
     drop_chance: float = 0.5
     #: Each cycle: replica SIGKILL + restart, Redis failover, Redis restart, rolling restart.
@@ -94,6 +95,7 @@ class ChaosReport:
     streams: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    outcomes_by_kind: dict[str, Counter[str]] = field(default_factory=dict)
     embedded_identical: int = 0
     embedded_prefix: int = 0
     embedded_continued: int = 0
@@ -107,6 +109,7 @@ class ChaosReport:
             "streams": self.streams,
             "faults": dict(self.faults),
             "outcomes": dict(self.outcomes),
+            "outcomes_by_kind": {k: dict(v) for k, v in self.outcomes_by_kind.items()},
             "embedded_identical": self.embedded_identical,
             "embedded_prefix_consistent": self.embedded_prefix,
             "embedded_taken_over": self.embedded_continued,
@@ -236,16 +239,30 @@ def read_until(response: httpx.Response, result: StreamResult, drop_at: int | No
 
 
 def reference_texts(base: str, settings: ChaosSettings) -> dict[str, str]:
-    """Each embedded prompt's uninterrupted answer (temperature 0), before any fault."""
-    texts = {}
-    for prompt in PROMPTS:
-        body = embedded_body(prompt, settings)
-        response = httpx.post(f"{base}/v1/streams", json=body, timeout=120)
-        events = [orjson.loads(line[5:]) for line in response.text.splitlines()
-                  if line.startswith("data:")]  # fmt: skip
-        assert events[-1]["type"] == "stream.completed", events[-1]
-        texts[prompt] = "".join(e["text"] for e in events if e["type"] == "text.delta")
-    return texts
+    """Each embedded prompt's uninterrupted answer (temperature 0), before any fault (read
+    like every other stream, so a connection cut under load resumes instead of failing)."""
+    results = [StreamResult("embedded", prompt) for prompt in PROMPTS]
+    threads = [
+        threading.Thread(
+            target=follow,
+            args=(
+                base,
+                embedded_body(r.prompt, settings),
+                r,
+                random.Random(0),
+                0.0,
+                time.monotonic() + 180,
+            ),
+        )
+        for r in results
+    ]
+    for thread in threads:  # together: the replicas batch them, as they will the real ones
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result in results:
+        assert result.outcome() == "completed", (result.prompt, result.outcome(), result.error)
+    return {result.prompt: result.text() for result in results}
 
 
 def embedded_body(prompt: str, settings: ChaosSettings) -> dict[str, Any]:
@@ -366,6 +383,7 @@ def check(results: list[StreamResult], references: dict[str, str], base: str,
     report.streams = len(results)
     for result in results:
         report.outcomes[result.outcome()] += 1
+        report.outcomes_by_kind.setdefault(result.kind, Counter())[result.outcome()] += 1
         report.connections += result.connections
         report.drops += result.drops
         name = f"{result.kind} stream {result.stream_id}"
@@ -432,7 +450,10 @@ def summary(report: ChaosReport) -> str:
     lines = [f"streams: {report.streams} in {report.seconds:.0f}s, "
              f"{report.connections} connections, {report.drops} client drops"]  # fmt: skip
     lines.append("faults: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report.faults.items())))
-    lines.append("outcomes: " + ", ".join(f"{k} ×{v}" for k, v in sorted(report.outcomes.items())))
+    for kind, outcomes in sorted(report.outcomes_by_kind.items()):
+        lines.append(
+            f"{kind} outcomes: " + ", ".join(f"{k} ×{v}" for k, v in sorted(outcomes.items()))
+        )
     lines.append(f"embedded identical to an uninterrupted run: {report.embedded_identical}, "
                  f"prefix-consistent (ended early, or continued differently): "
                  f"{report.embedded_prefix}; taken over: {report.embedded_continued}")  # fmt: skip

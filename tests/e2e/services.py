@@ -6,6 +6,7 @@ its directory removed) on exit. Both are Debian packages that `make test` instal
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..conftest import free_port
+from ..conftest import ARTIFACTS, free_port
 
 __all__ = [
     "Nginx",
@@ -270,6 +271,10 @@ def redis_sentinel(
             yield sentinel
         finally:
             _stop(process)
+            # Kept for diagnosis: which failovers the sentinel decided, and when.
+            with contextlib.suppress(OSError):
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                shutil.copy(directory / "sentinel.log", ARTIFACTS / f"sentinel-{port}.log")
             shutil.rmtree(directory, ignore_errors=True)
 
 
