@@ -143,6 +143,12 @@ def _timed(
     }
 
 
+def settle() -> None:
+    """A pause between requests: the previous server's ggml threads spin for a while after
+    its last step (OpenMP barriers), and must not steal the next server's first tokens."""
+    time.sleep(0.3)
+
+
 def concurrent_round(
     base: str, model: str, streams: int, max_tokens: int, tag: str
 ) -> dict[str, Any]:
@@ -337,12 +343,20 @@ def run(args: argparse.Namespace, servers: list[Server], model: str) -> None:
             for server in servers[shift:] + servers[:shift]:
                 server.loads.append(os.getloadavg()[0])
                 tag = f"{index}-{server.name}"
+                # tokenwire's native-protocol request (its own timings) goes first every
+                # other round, so neither of its two requests always follows another server.
+                native_first = server.kind == "tokenwire" and index % 2 == 1
+                if native_first:
+                    server.own.append(native_stream(server.base, max_tokens, f"n{tag}"))
+                settle()
                 server.runs.append(one_stream(server.base, server.model, max_tokens, tag))
-                if server.kind == "tokenwire":
+                if server.kind == "tokenwire" and not native_first:
+                    settle()
                     server.own.append(native_stream(server.base, max_tokens, f"n{tag}"))
         for index in range(concurrent_rounds):
             shift = index % len(servers)
             for server in servers[shift:] + servers[:shift]:
+                settle()
                 server.concurrent.append(
                     concurrent_round(
                         server.base,
