@@ -8,6 +8,12 @@ protocol with cancel.py's ``LeanEvent`` (its waiter list made on first wait) and
 the rarely used pipeline: ~2 KB less per open connection. Only those containers differ; parsing,
 keep-alive, flow control and the ASGI cycle are uvicorn's own code.
 
+A response's head goes out with its first body bytes, in one write: uvicorn writes the
+status line and headers at ``http.response.start`` and each body message separately, and on
+loopback each write system call also runs the client's receive. An event stream's head, its
+opening comment and a non-streamed body's only chunk then cost one write instead of two
+(``_Cycle``).
+
 It also offers each request a direct body write (``transports.sse.DIRECT_WRITE_KEY`` in the
 scope): an event stream's live frame is written from the task that produced it, a loop step
 sooner than through ``send`` (see transports/sse.py). It writes what uvicorn's ``send`` would
@@ -53,6 +59,87 @@ class _FlowControl(FlowControl):
         self._is_writable_event = writable  # type: ignore[assignment]
 
 
+class _Held:
+    """Stands in for the transport while uvicorn writes a response head: keeps the bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Prefixed:
+    """Stands in for the transport while uvicorn writes the first body message: its first
+    write carries the held head; anything else goes to the transport itself."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: asyncio.Transport, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        head, self.head = self.head, b""
+        self.transport.write(head + data if head else data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def flush(self) -> None:
+        head, self.head = self.head, b""
+        if head:
+            self.transport.write(head)
+
+
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request cycle, holding the response head until the first body message
+    (or a direct write) so that both go out in one write."""
+
+    #: The response head not written yet (set between ``http.response.start`` and the
+    #: first body bytes; a class attribute otherwise, so an idle cycle holds nothing).
+    held: bytes | None = None
+
+    async def send(self, message: Any) -> None:
+        held = self.held
+        if held is None:
+            if message["type"] != "http.response.start" or self.response_started:
+                await super().send(message)
+                return
+            transport, holder = self.transport, _Held()
+            self.transport = holder  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            if holder.data:
+                self.held = holder.data
+            return
+        del self.held
+        transport = self.transport
+        prefixed = _Prefixed(transport, held)
+        self.transport = prefixed  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+            prefixed.flush()  # a message that wrote nothing (HEAD) still sends the head
+
+    def take_held(self) -> bytes:
+        """The held head, for a write that goes around ``send`` (``DirectWrite``)."""
+        held = self.held
+        if held is None:
+            return b""
+        del self.held
+        return held
+
+
 class DirectWrite:
     """A request cycle's body, written without ``send``'s coroutine (``transports.sse``).
 
@@ -78,7 +165,8 @@ class DirectWrite:
     def write(self, body: bytes) -> None:
         cycle = self._cycle()
         if cycle is not None:
-            cycle.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+            head = cycle.take_held() if isinstance(cycle, _Cycle) else b""
+            cycle.transport.write(b"%b%x\r\n%b\r\n" % (head, len(body), body))
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -96,6 +184,8 @@ class HttpProtocol(HttpToolsProtocol):
         previous = self.cycle
         super().on_headers_complete()
         if self.cycle is not previous:
-            # A new request cycle: nothing waits on its event yet (its task has not run).
+            # A new request cycle: its task has not run yet. Same layout, one more method.
+            self.cycle.__class__ = _Cycle
+            # Nothing waits on its event yet.
             self.cycle.message_event = LeanEvent()  # type: ignore[assignment]
             self.scope[DIRECT_WRITE_KEY] = DirectWrite(self.cycle)  # type: ignore[literal-required]
