@@ -215,7 +215,6 @@ class PartialJsonParser:
         """Consume ``text``; raise ``JsonStreamError`` at the first invalid character."""
         i = 0
         n = len(text)
-        containers = self._containers
         while i < n:
             state = self._state
             if state == _STRING:
@@ -229,48 +228,54 @@ class PartialJsonParser:
                 match = _WS_RUN.match(text, i)
                 i = match.end() if match else i + 1
                 continue
-            if state == _AFTER:
-                top = containers[-1]
-                if c == ",":
-                    self._state = _KEY if isinstance(top, dict) else _VALUE
-                elif (c == "}" and isinstance(top, dict)) or (c == "]" and isinstance(top, list)):
-                    self._close_container()
-                else:
-                    expected = "',' or '}'" if isinstance(top, dict) else "',' or ']'"
-                    self._fail(f"expected {expected}, got {c!r}", i)
-                i += 1
-            elif state in (_VALUE, _VALUE_OR_CLOSE):
-                if c == "]" and state == _VALUE_OR_CLOSE:
-                    self._close_container()
-                    i += 1
-                else:
-                    i = self._begin_value(text, i, c)
-            elif state in (_KEY, _KEY_OR_CLOSE):
-                if c == '"':
-                    self._state = _STRING
-                    self._is_key = True
-                    self._chunks = []
-                elif c == "}" and state == _KEY_OR_CLOSE:
-                    self._close_container()
-                else:
-                    self._fail(f"expected an object key, got {c!r}", i)
-                i += 1
-            elif state == _COLON:
-                if c != ":":
-                    self._fail(f"expected ':', got {c!r}", i)
-                self._state = _VALUE
-                i += 1
-            elif state == _LITERAL:
-                expected = self._literal[self._literal_at]
-                if c != expected:
-                    self._fail(f"invalid literal: expected {expected!r}, got {c!r}", i)
-                self._literal_at += 1
-                i += 1
-                if self._literal_at == len(self._literal):
-                    self._complete_scalar(self._literal_value)
-            else:  # _END
-                self._fail(f"extra data after the JSON value: {c!r}", i)
+            i = self._punctuate(text, i, c, state)
         self.position += n
+
+    def _punctuate(self, text: str, i: int, c: str, state: int) -> int:
+        """One character outside strings and numbers: a value's start, a key's quote, a
+        separator, a closing bracket or a literal's next letter. Returns the next index."""
+        if state == _AFTER:
+            top = self._containers[-1]
+            if c == ",":
+                self._state = _KEY if isinstance(top, dict) else _VALUE
+            elif (c == "}" and isinstance(top, dict)) or (c == "]" and isinstance(top, list)):
+                self._close_container()
+            else:
+                expected = "',' or '}'" if isinstance(top, dict) else "',' or ']'"
+                self._fail(f"expected {expected}, got {c!r}", i)
+            return i + 1
+        if state in (_VALUE, _VALUE_OR_CLOSE):
+            if c == "]" and state == _VALUE_OR_CLOSE:
+                self._close_container()
+                return i + 1
+            return self._begin_value(text, i, c)
+        if state in (_KEY, _KEY_OR_CLOSE):
+            if c == '"':
+                self._state = _STRING
+                self._is_key = True
+                self._chunks = []
+            elif c == "}" and state == _KEY_OR_CLOSE:
+                self._close_container()
+            else:
+                self._fail(f"expected an object key, got {c!r}", i)
+            return i + 1
+        if state == _COLON:
+            if c != ":":
+                self._fail(f"expected ':', got {c!r}", i)
+            self._state = _VALUE
+            return i + 1
+        if state == _LITERAL:
+            return self._literal_char(i, c)
+        self._fail(f"extra data after the JSON value: {c!r}", i)  # _END
+
+    def _literal_char(self, i: int, c: str) -> int:
+        expected = self._literal[self._literal_at]
+        if c != expected:
+            self._fail(f"invalid literal: expected {expected!r}, got {c!r}", i)
+        self._literal_at += 1
+        if self._literal_at == len(self._literal):
+            self._complete_scalar(self._literal_value)
+        return i + 1
 
     def close(self) -> Any:
         """End of input: return the final value, or raise if the document is incomplete."""

@@ -181,6 +181,18 @@ def load_tools(references: Iterable[str]) -> ToolRegistry:
 
 
 @dataclass(slots=True)
+class _Step:
+    """What one model turn of the tool loop left: our tools' calls, and how it ended."""
+
+    calls: list[ToolCallCompleted | ToolCallError] = dataclasses.field(default_factory=list)
+    server_indexes: set[int] = dataclasses.field(default_factory=set)
+    client_calls: bool = False
+    terminal: StreamCompleted | None = None
+    messages: list[Message] = dataclasses.field(default_factory=list)
+    stopped: bool = False
+
+
+@dataclass(slots=True)
 class _Result:
     content: str
     ok: bool
@@ -234,49 +246,17 @@ class ToolLoop:
         # The manager's stream was never started: each step opens its own, with our tools.
         await aclose(events)
         step_request = self._with_tools(request, request.tool_choice)
-        prompt_tokens = completion_tokens = 0
-        ttft_ms: float | None = None
+        usage = Usage(prompt_tokens=0, completion_tokens=0, ttft_ms=None)
         steps = 0
         while True:
-            calls: list[ToolCallCompleted | ToolCallError] = []
-            server_indexes: set[int] = set()
-            client_calls = False
-            terminal: StreamCompleted | None = None
-            stream = self.open_stream(step_request, cancel)
-            try:
-                async for event in stream:
-                    if isinstance(event, Usage):
-                        prompt_tokens += event.prompt_tokens
-                        completion_tokens += event.completion_tokens
-                        ttft_ms = event.ttft_ms if ttft_ms is None else ttft_ms
-                    elif isinstance(event, ToolCallStarted) and event.name in self.tools:
-                        server_indexes.add(event.index)
-                    elif isinstance(event, ToolCallDelta) and event.index in server_indexes:
-                        pass
-                    elif isinstance(event, ToolCallCompleted) and event.name in self.tools:
-                        calls.append(event)
-                    elif isinstance(event, ToolCallCompleted):
-                        client_calls = True
-                        yield event
-                    elif isinstance(event, StreamCompleted):
-                        terminal = event
-                    else:
-                        yield event
-            except ToolCallError as exc:
-                if exc.name not in self.tools:
-                    raise
-                calls.append(exc)  # invalid arguments go back to the model
-            finally:
-                await aclose(stream)
-            if not calls or client_calls:
+            step = _Step()
+            async for event in self._step(step_request, cancel, step, usage):
+                yield event
+            if not step.calls or step.client_calls:
                 # Done, or the client has calls of its own to run: hand the turn back.
-                yield Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    ttft_ms=ttft_ms,
-                )
-                if terminal is not None:
-                    yield terminal
+                yield usage
+                if step.terminal is not None:
+                    yield step.terminal
                 return
             if steps >= self.max_steps:
                 raise OutputValidationError(
@@ -284,38 +264,80 @@ class ToolLoop:
                     code="max_tool_steps",
                 )
             steps += 1
-            assistant = Message(role="assistant", content="", tool_calls=[])
-            results: list[Message] = []
-            for call in calls:
-                if isinstance(call, ToolCallError):
-                    call_id, name, arguments = call.call_id, call.name, call.arguments
-                    result = _Result(f"error: invalid arguments: {call.message}", ok=False)
-                    yield Progress(stage="tool", message=f"{name}: invalid arguments")
-                else:
-                    call_id, name, arguments = call.id, call.name, call.arguments
-                    result = _Result("", ok=False)
-                    async for progress in self._execute(name, arguments, cancel, result):
-                        yield progress
-                    if cancel.is_cancelled():
-                        return
-                assistant.tool_calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
-                yield ToolResult(
-                    id=call_id,
-                    name=name,
-                    arguments=arguments,
-                    output=result.content,
-                    error=not result.ok,
-                )
-                results.append(
-                    Message(role="tool", content=result.content, tool_call_id=call_id, name=name)
-                )
-            step_request.messages.extend([assistant, *results])
+            async for event in self._call(step, cancel):
+                yield event
+            if step.stopped:
+                return
+            step_request.messages.extend(step.messages)
             last = steps >= self.max_steps
             step_request = dataclasses.replace(
                 step_request,
                 messages=list(step_request.messages),
                 tool_choice="none" if last else "auto",
             )
+
+    async def _step(
+        self, request: ChatRequest, cancel: CancelToken, step: _Step, usage: Usage
+    ) -> AsyncIterator[Event]:
+        """One model turn: what the client sees passes through; our tools' calls, its usage
+        (added to ``usage``) and its terminal event are kept in ``step``."""
+        stream = self.open_stream(request, cancel)
+        try:
+            async for event in stream:
+                if isinstance(event, Usage):
+                    usage.prompt_tokens += event.prompt_tokens
+                    usage.completion_tokens += event.completion_tokens
+                    usage.ttft_ms = event.ttft_ms if usage.ttft_ms is None else usage.ttft_ms
+                elif isinstance(event, ToolCallStarted) and event.name in self.tools:
+                    step.server_indexes.add(event.index)
+                elif isinstance(event, ToolCallDelta) and event.index in step.server_indexes:
+                    pass
+                elif isinstance(event, ToolCallCompleted) and event.name in self.tools:
+                    step.calls.append(event)
+                elif isinstance(event, ToolCallCompleted):
+                    step.client_calls = True
+                    yield event
+                elif isinstance(event, StreamCompleted):
+                    step.terminal = event
+                else:
+                    yield event
+        except ToolCallError as exc:
+            if exc.name not in self.tools:
+                raise
+            step.calls.append(exc)  # invalid arguments go back to the model
+        finally:
+            await aclose(stream)
+
+    async def _call(self, step: _Step, cancel: CancelToken) -> AsyncIterator[Event]:
+        """Run the step's calls in order, with progress and results; the assistant turn and
+        the results for the next step land in ``step.messages`` (``step.stopped`` on Stop)."""
+        assistant = Message(role="assistant", content="", tool_calls=[])
+        results: list[Message] = []
+        for call in step.calls:
+            if isinstance(call, ToolCallError):
+                call_id, name, arguments = call.call_id, call.name, call.arguments
+                result = _Result(f"error: invalid arguments: {call.message}", ok=False)
+                yield Progress(stage="tool", message=f"{name}: invalid arguments")
+            else:
+                call_id, name, arguments = call.id, call.name, call.arguments
+                result = _Result("", ok=False)
+                async for progress in self._execute(name, arguments, cancel, result):
+                    yield progress
+                if cancel.is_cancelled():
+                    step.stopped = True
+                    return
+            assistant.tool_calls.append(ToolCall(id=call_id, name=name, arguments=arguments))
+            yield ToolResult(
+                id=call_id,
+                name=name,
+                arguments=arguments,
+                output=result.content,
+                error=not result.ok,
+            )
+            results.append(
+                Message(role="tool", content=result.content, tool_call_id=call_id, name=name)
+            )
+        step.messages = [assistant, *results]
 
     async def _execute(
         self, name: str, arguments: str, cancel: CancelToken, result: _Result

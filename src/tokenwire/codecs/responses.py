@@ -118,6 +118,15 @@ def request_body(
     return body
 
 
+def _started(response: dict[str, Any]) -> StreamStarted:
+    """The stream's start, from the first Response object (created, in_progress or queued)."""
+    return StreamStarted(
+        id=str(response.get("id", "")),
+        model=str(response.get("model", "")),
+        created=int(response.get("created_at") or time.time()),
+    )
+
+
 class ResponsesDecoder(WireDecoder):
     """Responses API events -> tokenwire events, for one response."""
 
@@ -145,56 +154,16 @@ class ResponsesDecoder(WireDecoder):
                 return []
             return [ToolCallDelta(index=call[0], arguments_delta=delta)]
         if kind == "response.output_item.added":
-            item = message["item"]
-            if item.get("type") != "function_call":
-                return []
-            index = len(self._calls)
-            call = (index, str(item["call_id"]), str(item["name"]))
-            self._calls[str(item.get("id") or item["call_id"])] = call
-            self._called = True
-            return [ToolCallStarted(index=index, id=call[1], name=call[2])]
+            return self._item_added(message["item"])
         if kind == "response.output_item.done":
-            item = message["item"]
-            call = self._calls.get(str(item.get("id") or item.get("call_id")))
-            if item.get("type") != "function_call" or call is None:
-                return []
-            if item.get("status", "completed") != "completed":
-                return []  # cut short: its arguments are not whole
-            return [
-                ToolCallCompleted(
-                    index=call[0], id=call[1], name=call[2], arguments=str(item["arguments"])
-                )
-            ]
+            return self._item_done(message["item"])
         if kind in ("response.created", "response.in_progress", "response.queued"):
             if self.started is None:
-                response = message["response"]
-                self.started = StreamStarted(
-                    id=str(response.get("id", "")),
-                    model=str(response.get("model", "")),
-                    created=int(response.get("created_at") or time.time()),
-                )
+                self.started = _started(message["response"])
             return []
         if kind in ("response.completed", "response.incomplete"):
             self.done = True
-            response = message["response"]
-            events: list[Event] = []
-            usage = response.get("usage")
-            if usage:
-                details = usage.get("input_tokens_details") or {}
-                events.append(
-                    Usage(
-                        prompt_tokens=int(usage.get("input_tokens") or 0),
-                        completion_tokens=int(usage.get("output_tokens") or 0),
-                        cached_tokens=details.get("cached_tokens"),
-                    )
-                )
-            if kind == "response.incomplete":
-                reason = (response.get("incomplete_details") or {}).get("reason")
-                finish = _INCOMPLETE.get(str(reason), "length")
-            else:
-                finish = "tool_calls" if self._called else "stop"
-            events.append(StreamCompleted(finish_reason=finish))
-            return events
+            return self._ended(kind, message["response"])
         if kind == "response.cancelled":
             self.done = True
             return [StreamCancelled(reason="stop")]
@@ -206,6 +175,50 @@ class ResponsesDecoder(WireDecoder):
             error = (message.get("response") or {}).get("error") or self._error
             raise WireError.of(error or {"message": "the response failed"})
         return []
+
+    def _item_added(self, item: dict[str, Any]) -> list[Event]:
+        """A function call item opens: its index, call id and name."""
+        if item.get("type") != "function_call":
+            return []
+        index = len(self._calls)
+        call = (index, str(item["call_id"]), str(item["name"]))
+        self._calls[str(item.get("id") or item["call_id"])] = call
+        self._called = True
+        return [ToolCallStarted(index=index, id=call[1], name=call[2])]
+
+    def _item_done(self, item: dict[str, Any]) -> list[Event]:
+        """A function call item closes: its whole arguments, unless it was cut short."""
+        call = self._calls.get(str(item.get("id") or item.get("call_id")))
+        if item.get("type") != "function_call" or call is None:
+            return []
+        if item.get("status", "completed") != "completed":
+            return []  # cut short: its arguments are not whole
+        return [
+            ToolCallCompleted(
+                index=call[0], id=call[1], name=call[2], arguments=str(item["arguments"])
+            )
+        ]
+
+    def _ended(self, kind: str, response: dict[str, Any]) -> list[Event]:
+        """``response.completed`` or ``.incomplete``: its usage, then the terminal event."""
+        events: list[Event] = []
+        usage = response.get("usage")
+        if usage:
+            details = usage.get("input_tokens_details") or {}
+            events.append(
+                Usage(
+                    prompt_tokens=int(usage.get("input_tokens") or 0),
+                    completion_tokens=int(usage.get("output_tokens") or 0),
+                    cached_tokens=details.get("cached_tokens"),
+                )
+            )
+        if kind == "response.incomplete":
+            reason = (response.get("incomplete_details") or {}).get("reason")
+            finish = _INCOMPLETE.get(str(reason), "length")
+        else:
+            finish = "tool_calls" if self._called else "stop"
+        events.append(StreamCompleted(finish_reason=finish))
+        return events
 
     def finish(self) -> list[Event]:
         if self.done:

@@ -191,53 +191,12 @@ def parse(body: Any) -> tuple[ChatRequest, MessagesRequest]:
         )
         messages.append(Message(role="system", content=system))
     for index, turn in enumerate(wire.messages):
-        if isinstance(turn.content, str):
-            messages.append(Message(role=turn.role, content=turn.content))
-            continue
-        text: list[str] = []
-        calls: list[ToolCall] = []
-        for position, block in enumerate(turn.content):
-            if isinstance(block, TextBlock):
-                text.append(block.text)
-            elif isinstance(block, ToolUseBlock):
-                if turn.role != "assistant":
-                    raise InvalidRequest(
-                        "tool_use blocks belong to assistant turns.",
-                        param=f"messages.{index}.content.{position}",
-                    )
-                calls.append(
-                    ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input))
-                )
-            elif isinstance(block, ToolResultBlock):
-                messages.append(
-                    Message(role="tool", content=block.text(), tool_call_id=block.tool_use_id)
-                )
-            elif block.type in ("text", "tool_use", "tool_result"):
-                raise InvalidRequest(
-                    f"malformed {block.type} block: a required field is missing or mistyped.",
-                    param=f"messages.{index}.content.{position}",
-                )
-            else:
-                raise InvalidRequest(
-                    f"content blocks of type {block.type!r} are not supported here.",
-                    param=f"messages.{index}.content.{position}.type",
-                )
-        if text or calls:
-            messages.append(Message(role=turn.role, content="".join(text), tool_calls=calls))
+        _append_turn(index, turn, messages)
     if all(not m.content.strip() and not m.tool_calls for m in messages):
         raise InvalidRequest("messages must contain some content.", param="messages")
     stop = list(wire.stop_sequences or [])
     if any(s == "" for s in stop):
         raise InvalidRequest("stop_sequences must not be empty strings.", param="stop_sequences")
-    tool_choice: str | dict[str, Any] | None = None
-    if wire.tool_choice is not None:
-        choice = wire.tool_choice
-        if choice.type == "tool":
-            if not choice.name:
-                raise InvalidRequest("tool_choice of type tool needs a name.", param="tool_choice")
-            tool_choice = {"type": "function", "function": {"name": choice.name}}
-        else:
-            tool_choice = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     request = ChatRequest(
         model=wire.model,
         messages=messages,
@@ -251,13 +210,56 @@ def parse(body: Any) -> tuple[ChatRequest, MessagesRequest]:
             Tool(name=tool.name, description=tool.description, parameters=tool.input_schema)
             for tool in wire.tools or []
         ],
-        tool_choice=tool_choice,
+        tool_choice=_tool_choice(wire.tool_choice),
         include_usage=True,
         # A final assistant turn is a prefill the answer continues (Anthropic's semantics).
         continue_final_message=messages[-1].role == "assistant" and not messages[-1].tool_calls,
         extra={"user": wire.metadata.user_id} if wire.metadata and wire.metadata.user_id else {},
     )
     return request, wire
+
+
+def _append_turn(index: int, turn: WireMessage, out: list[Message]) -> None:
+    """Append one turn of ``messages``: its tool results (``tool`` messages) first, then its
+    text and tool calls as one message."""
+    if isinstance(turn.content, str):
+        out.append(Message(role=turn.role, content=turn.content))
+        return
+    text: list[str] = []
+    calls: list[ToolCall] = []
+    for position, block in enumerate(turn.content):
+        where = f"messages.{index}.content.{position}"
+        if isinstance(block, TextBlock):
+            text.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            if turn.role != "assistant":
+                raise InvalidRequest("tool_use blocks belong to assistant turns.", param=where)
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input)))
+        elif isinstance(block, ToolResultBlock):
+            out.append(Message(role="tool", content=block.text(), tool_call_id=block.tool_use_id))
+        elif block.type in ("text", "tool_use", "tool_result"):
+            raise InvalidRequest(
+                f"malformed {block.type} block: a required field is missing or mistyped.",
+                param=where,
+            )
+        else:
+            raise InvalidRequest(
+                f"content blocks of type {block.type!r} are not supported here.",
+                param=f"{where}.type",
+            )
+    if text or calls:
+        out.append(Message(role=turn.role, content="".join(text), tool_calls=calls))
+
+
+def _tool_choice(choice: ToolChoice | None) -> str | dict[str, Any] | None:
+    """Anthropic's ``tool_choice`` in the neutral request's (OpenAI's) terms."""
+    if choice is None:
+        return None
+    if choice.type == "tool":
+        if not choice.name:
+            raise InvalidRequest("tool_choice of type tool needs a name.", param="tool_choice")
+        return {"type": "function", "function": {"name": choice.name}}
+    return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
 # -- render --------------------------------------------------------------------------------

@@ -48,12 +48,15 @@ def _cut(buffer: str, mode: str) -> int:
     return 0  # time-only: everything waits for the delay
 
 
-async def coalesce(events: AsyncIterator[Event], spec: CoalesceSpec) -> AsyncIterator[Event]:
+def coalesce(events: AsyncIterator[Event], spec: CoalesceSpec) -> AsyncIterator[Event]:
     """Merge consecutive ``text.delta`` events of ``events`` according to ``spec``."""
     if spec.off:
-        async for event in events:
-            yield event
-        return
+        return events
+    return _merged(events, spec)
+
+
+async def _merged(events: AsyncIterator[Event], spec: CoalesceSpec) -> AsyncIterator[Event]:
+    """The loop of ``coalesce`` (on the token path: one frame, no call per event)."""
     source = aiter(events)
     pending: asyncio.Future[Event] | None = None
     buffer = ""
@@ -103,12 +106,17 @@ async def coalesce(events: AsyncIterator[Event], spec: CoalesceSpec) -> AsyncIte
         if buffer:
             yield TextDelta(text=buffer)
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
-        with contextlib.suppress(Exception):
-            await source.aclose()  # type: ignore[attr-defined]
+        await _close(pending, source)
+
+
+async def _close(pending: asyncio.Future[Event] | None, source: AsyncIterator[Event]) -> None:
+    """Cancel the read in flight, if any, and close the source."""
+    if pending is not None:
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+    with contextlib.suppress(Exception):
+        await source.aclose()  # type: ignore[attr-defined]
 
 
 def coalesce_stage(default: CoalesceSpec = OFF_COALESCE) -> Any:

@@ -15,7 +15,7 @@ same way. A stream cut off by ``max_tokens`` (``length``) keeps its deltas but n
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import jsonschema
@@ -88,82 +88,99 @@ def buffer_tool_calls(
     return _buffer(events, request)
 
 
-async def _buffer(events: AsyncIterator[Event], request: ChatRequest) -> AsyncIterator[Event]:
-    try:
-        validators: dict[str, jsonschema.protocols.Validator] = {
+class _Calls:
+    """One stream's tool calls: each fed to its tool's schema as it streams, then closed."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self.validators: dict[str, jsonschema.protocols.Validator] = {
             tool.name: compile_schema(
                 tool.parameters or {"type": "object"}, param=f"tools.{i}.function.parameters"
             )
             for i, tool in enumerate(request.tools)
         }
-        calls: dict[int, _Call] = {}
-        completed: set[int] = set()
+        self.calls: dict[int, _Call] = {}
+        self.completed: set[int] = set()
 
-        def open_call(index: int, call_id: str, name: str) -> _Call:
-            validator = validators.get(name)
-            if validator is None:
-                raise ToolCallError(
-                    f"The model called {name!r}, which is not one of the request's tools.",
-                    index=index,
-                    call_id=call_id,
-                    name=name,
-                    arguments="",
-                    code="unknown_tool",
-                )
-            call = _Call(index, call_id, name, SchemaStream(validator, label="arguments"))
-            calls[index] = call
-            return call
-
-        def complete(call: _Call) -> ToolCallCompleted:
-            arguments = "".join(call.arguments)
-            try:
-                if not arguments.strip():
-                    call.stream.feed("{}")  # OpenAI sends "" for a call without arguments
-                    arguments = "{}"
-                call.stream.close()
-            except OutputValidationError as exc:
-                raise call.fail(exc) from exc
-            completed.add(call.index)
-            return ToolCallCompleted(
-                index=call.index, id=call.id, name=call.name, arguments=arguments
+    def open(self, index: int, call_id: str, name: str) -> _Call:
+        validator = self.validators.get(name)
+        if validator is None:
+            raise ToolCallError(
+                f"The model called {name!r}, which is not one of the request's tools.",
+                index=index,
+                call_id=call_id,
+                name=name,
+                arguments="",
+                code="unknown_tool",
             )
+        call = _Call(index, call_id, name, SchemaStream(validator, label="arguments"))
+        self.calls[index] = call
+        return call
 
+    @staticmethod
+    def feed(call: _Call, text: str) -> None:
+        call.arguments.append(text)
+        try:
+            call.stream.feed(text)
+        except OutputValidationError as exc:
+            raise call.fail(exc) from exc
+
+    def delta(self, event: ToolCallDelta) -> None:
+        call = self.calls.get(event.index)
+        if call is None:
+            raise OutputValidationError(
+                f"tool_call.delta for call {event.index} before tool_call.started",
+                code="invalid_tool_call",
+            )
+        self.feed(call, event.arguments_delta)
+
+    def whole(self, event: ToolCallCompleted) -> list[Event]:
+        """A ``tool_call.completed``: the arguments, if none streamed; validated, once."""
+        call = self.calls.get(event.index) or self.open(event.index, event.id, event.name)
+        if not call.arguments:
+            self.feed(call, event.arguments)
+        return [] if event.index in self.completed else [self.complete(call)]
+
+    def complete(self, call: _Call) -> ToolCallCompleted:
+        arguments = "".join(call.arguments)
+        try:
+            if not arguments.strip():
+                call.stream.feed("{}")  # OpenAI sends "" for a call without arguments
+                arguments = "{}"
+            call.stream.close()
+        except OutputValidationError as exc:
+            raise call.fail(exc) from exc
+        self.completed.add(call.index)
+        return ToolCallCompleted(index=call.index, id=call.id, name=call.name, arguments=arguments)
+
+    def finish(self, event: StreamCompleted) -> Iterator[Event]:
+        """The end: every call not completed yet is, then the terminal event (``tool_calls``
+        unless the stream was cut by ``length``, whose calls are not whole)."""
+        if event.finish_reason == "length" or not self.calls:
+            yield event
+            return
+        for index in sorted(self.calls):
+            if index not in self.completed:
+                yield self.complete(self.calls[index])
+        reason = event.finish_reason
+        yield StreamCompleted(finish_reason="tool_calls" if reason == "stop" else reason)
+
+
+async def _buffer(events: AsyncIterator[Event], request: ChatRequest) -> AsyncIterator[Event]:
+    try:
+        calls = _Calls(request)
         async for event in events:
             if isinstance(event, ToolCallStarted):
-                open_call(event.index, event.id, event.name)
+                calls.open(event.index, event.id, event.name)
                 yield event
             elif isinstance(event, ToolCallDelta):
-                call = calls.get(event.index)
-                if call is None:
-                    raise OutputValidationError(
-                        f"tool_call.delta for call {event.index} before tool_call.started",
-                        code="invalid_tool_call",
-                    )
-                call.arguments.append(event.arguments_delta)
-                try:
-                    call.stream.feed(event.arguments_delta)
-                except OutputValidationError as exc:
-                    raise call.fail(exc) from exc
+                calls.delta(event)
                 yield event
             elif isinstance(event, ToolCallCompleted):
-                call = calls.get(event.index) or open_call(event.index, event.id, event.name)
-                if not call.arguments:
-                    call.arguments.append(event.arguments)
-                    try:
-                        call.stream.feed(event.arguments)
-                    except OutputValidationError as exc:
-                        raise call.fail(exc) from exc
-                if event.index not in completed:
-                    yield complete(call)
+                for done in calls.whole(event):
+                    yield done
             elif isinstance(event, StreamCompleted):
-                if event.finish_reason == "length" or not calls:
-                    yield event
-                    continue
-                for index in sorted(calls):
-                    if index not in completed:
-                        yield complete(calls[index])
-                reason = event.finish_reason
-                yield StreamCompleted(finish_reason="tool_calls" if reason == "stop" else reason)
+                for done in calls.finish(event):
+                    yield done
             else:
                 yield event
     finally:
