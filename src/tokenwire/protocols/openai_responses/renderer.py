@@ -29,7 +29,8 @@ from tokenwire.events import (
 )
 from tokenwire.journal.base import StreamMeta
 from tokenwire.protocols.base import Payload, Renderer
-from tokenwire.protocols.openai_responses.request import items_to_messages, message_from
+from tokenwire.protocols.conversation import message_from_dict
+from tokenwire.protocols.openai_responses.request import items_to_messages
 from tokenwire.requests import Message
 
 __all__ = ["ID_PREFIX", "ResponsesRenderer", "history", "response_id", "snapshot"]
@@ -355,7 +356,7 @@ def snapshot(meta: StreamMeta, events: Sequence[Event]) -> ResponsesRenderer:
 def history(meta: StreamMeta, events: Sequence[Event]) -> list[Message]:
     """The conversation a follow-up of this response continues: what came before it, its
     input and its output (its ``instructions`` are not carried over, as OpenAI's)."""
-    messages = [message_from(m) for m in meta.render.get("context") or []]
+    messages = [message_from_dict(m) for m in meta.render.get("context") or []]
     items_to_messages(meta.render.get("input") or [], messages)
     items_to_messages(snapshot(meta, events).response()["output"], messages)
     return messages

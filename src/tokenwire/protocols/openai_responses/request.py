@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tokenwire.errors import InvalidRequest
 from tokenwire.protocols.base import Parsed
+from tokenwire.protocols.conversation import message_dict
 from tokenwire.requests import (
     ChatRequest,
     Message,
@@ -28,7 +29,6 @@ __all__ = [
     "build",
     "check",
     "items_to_messages",
-    "message_from",
     "parse_body",
 ]
 
@@ -205,26 +205,6 @@ def items_to_messages(items: list[dict[str, Any]], out: list[Message]) -> None:
                 out.append(Message(role="assistant", content="", tool_calls=[call]))
         elif kind == "function_call_output":
             out.append(Message(role="tool", content=item["output"], tool_call_id=item["call_id"]))
-
-
-def _message_dict(message: Message) -> dict[str, Any]:
-    data: dict[str, Any] = {"role": message.role, "content": message.content}
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
-        ]
-    if message.tool_call_id is not None:
-        data["tool_call_id"] = message.tool_call_id
-    return data
-
-
-def message_from(data: dict[str, Any]) -> Message:
-    return Message(
-        role=data["role"],
-        content=data["content"],
-        tool_calls=[ToolCall(**call) for call in data.get("tool_calls", [])],
-        tool_call_id=data.get("tool_call_id"),
-    )
 
 
 def _tools(raw: Any) -> tuple[list[Tool], list[dict[str, Any]]]:
@@ -477,7 +457,7 @@ def build(body: dict[str, Any], *, context: list[Message] | None = None) -> Pars
         render={
             "response": echo,
             "input": items,
-            "context": [_message_dict(m) for m in prior],
+            "context": [message_dict(m) for m in prior],
         },
     )
 

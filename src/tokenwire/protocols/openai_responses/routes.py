@@ -19,6 +19,7 @@ from tokenwire.errors import (
 )
 from tokenwire.events import Event, StreamFailed
 from tokenwire.journal.base import StreamMeta
+from tokenwire.protocols import openai_chat
 from tokenwire.protocols.base import (
     Context,
     Endpoint,
@@ -44,45 +45,17 @@ from tokenwire.requests import Message
 
 __all__ = ["PROTOCOL", "OpenAIResponses"]
 
-# -- errors ----------------------------------------------------------------------------------
-
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
-
-
-def _error_body(exc: TokenwireError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": exc.message,
-            "type": exc.error_type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
-
 
 def _not_found(public_id: str) -> StreamNotFound:
     return StreamNotFound(f"Response with id '{public_id}' not found.", param="response_id")
 
 
 class OpenAIResponses(WireProtocol):
+    """``/v1/responses`` and its stored responses; errors in OpenAI's shape (Chat's)."""
+
     name = "openai_responses"
     id_prefix = ID_PREFIX
-    error_schema = _ERROR_SCHEMA
+    error_schema = openai_chat.ERROR_SCHEMA
     request_model = ResponseCreateBody
 
     def routes(self) -> Sequence[Endpoint]:
@@ -149,7 +122,7 @@ class OpenAIResponses(WireProtocol):
         return ResponsesRenderer(meta)
 
     def error_body(self, exc: TokenwireError) -> dict[str, Any]:
-        return _error_body(exc)
+        return openai_chat.error_body(exc)
 
     def aggregate(self, meta: StreamMeta, events: list[Event]) -> dict[str, Any] | TokenwireError:
         for event in events:
