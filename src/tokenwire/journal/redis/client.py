@@ -54,6 +54,19 @@ __all__ = [
     "translated",
 ]
 
+# Lua that marks a stream ended once its terminal event is written (``ENDED`` in APPEND and
+# FINALIZE, which share its KEYS and ARGV[3..6]): done, the TTLs of its keys, its tombstone,
+# out of the active set, into the finished index.
+_ENDED = """\
+redis.call('HSET', KEYS[2], 'done', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[6], ARGV[3])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+redis.call('HDEL', KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
+"""
+
 # Appends events; idempotent (entries Redis holds are skipped) and fenced (only the stream's
 # producer may append). Errors: TWLOST (Redis lost the stream: restore it), TWDONE (it has
 # ended), TWOWNER <node> (another node produces it), TWGAP <n> (Redis holds only entries up
@@ -85,16 +98,10 @@ for i = 8, #ARGV do
   end
 end
 if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[2], 'done', '1')
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[6], ARGV[3])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
-  redis.call('HDEL', KEYS[4], ARGV[5])
-  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
+ENDED
 end
 return seq
-"""
+""".replace("ENDED\n", _ENDED)
 
 # Re-creates a stream Redis lost (restarted empty, failed over before it replicated), with
 # this node as its producer and alive, so no reader takes it for orphaned meanwhile.
@@ -143,15 +150,9 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local n = 1
 if #last > 0 then n = tonumber(string.match(last[1][1], '%-(%d+)$')) + 1 end
 redis.call('XADD', KEYS[1], '0-' .. string.format('%d', n), 'e', ARGV[2])
-redis.call('HSET', KEYS[2], 'done', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[6], ARGV[3])
-redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
-redis.call('HDEL', KEYS[4], ARGV[5])
-redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
+ENDED
 return n
-"""
+""".replace("ENDED\n", _ENDED)
 
 # Makes this node the producer of a stream whose producer is dead or released it.
 # Returns {1, top entry number, previous producer}, {2, top, node} if this node produces it
