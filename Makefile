@@ -46,6 +46,7 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(PY) scripts/unasync.py --check
+	$(PY) scripts/module_size.py src
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 

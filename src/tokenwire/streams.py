@@ -35,13 +35,7 @@ from typing import Any, Protocol
 from tokenwire.backends.base import Backend, PushSource
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import RequestError, StreamHandedOver, StreamTooLarge, TokenwireError
-from tokenwire.events import (
-    Event,
-    StreamCancelled,
-    StreamFailed,
-    StreamStarted,
-    aclose,
-)
+from tokenwire.events import Event, StreamCancelled, StreamFailed, StreamStarted, aclose
 from tokenwire.journal.base import Deliver, Journal, StreamMeta, event_size
 from tokenwire.journal.control import Claim, ControlPlane
 from tokenwire.requests import ChatRequest
