@@ -116,6 +116,11 @@ def _table_config(name: str, table: Any, defaults: dict[str, Any]) -> UpstreamCo
         raise InvalidRequest(f"[upstreams.{name}]: unknown keys {sorted(unknown)}", param="config")
     if "url" not in values:
         raise InvalidRequest(f"[upstreams.{name}] needs url", param="config")
+    if values.get("prefill", "none") not in ("none", "continue_final_message", "assistant"):
+        raise InvalidRequest(
+            f"[upstreams.{name}] prefill: none, continue_final_message or assistant",
+            param="config",
+        )
     return UpstreamConfig(**values)
 
 

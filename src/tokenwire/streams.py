@@ -313,24 +313,29 @@ class StreamManager:
             )
             accepted.set_result(None)
             terminal = await self._pump(meta.id, first, events, cancel)
-        except asyncio.CancelledError:
-            terminal = StreamCancelled(reason=cancel.reason or "shutdown")
-        except StreamHandedOver:
-            # Another replica produces the stream now and will end it: write nothing more.
-            log.warning("stream %s was taken over by another replica", meta.id)
-            cancel.cancel("handed_over")
-            producing.handed_over = True
-        except TokenwireError as exc:
-            terminal = StreamFailed(error=exc.to_dict())
-        except Exception as exc:
-            log.exception("stream %s failed", meta.id)
-            terminal = StreamFailed(
-                error={"type": "server_error", "message": f"internal error: {exc}", "code": None}
-            )
+        except (asyncio.CancelledError, Exception) as exc:
+            terminal = self._ended_by(exc, meta.id, producing)
         finally:
             with contextlib.suppress(Exception):
                 await aclose(events)
             await self._finish(meta.id, producing, accepted, terminal)
+
+    @staticmethod
+    def _ended_by(exc: BaseException, stream_id: str, producing: _Producing) -> Event | None:
+        """The terminal event a producer that raised ``exc`` ends with (None: none, another
+        replica produces the stream now and will end it)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return StreamCancelled(reason=producing.cancel.reason or "shutdown")
+        if isinstance(exc, StreamHandedOver):
+            log.warning("stream %s was taken over by another replica", stream_id)
+            producing.cancel.cancel("handed_over")
+            producing.handed_over = True
+            return None
+        if isinstance(exc, TokenwireError):
+            return StreamFailed(error=exc.to_dict())
+        log.exception("stream %s failed", stream_id)
+        error = {"type": "server_error", "message": f"internal error: {exc}", "code": None}
+        return StreamFailed(error=error)
 
     async def _finish(
         self,
@@ -346,13 +351,9 @@ class StreamManager:
             terminal = StreamCancelled(reason=cancel.reason or "stop")
         if accepted.done() and not accepted.exception() and not producing.handed_over:
             if terminal is None:
-                terminal = StreamFailed(
-                    error={
-                        "type": "backend_error",
-                        "message": "the backend ended the stream without finishing it",
-                        "code": None,
-                    }
-                )
+                message = "the backend ended the stream without finishing it"
+                error = {"type": "backend_error", "message": message, "code": None}
+                terminal = StreamFailed(error=error)
             try:
                 await self.journal.append(stream_id, terminal)
             except Exception:
@@ -447,16 +448,8 @@ class StreamManager:
             await self.journal.append(meta.id, takeover_progress(claim.previous))
             events = self._events(continued, backend, cancel)
             terminal = await self._pump(meta.id, await anext(events, None), events, cancel)
-        except asyncio.CancelledError:
-            terminal = StreamCancelled(reason=cancel.reason or "shutdown")
-        except StreamHandedOver:
-            cancel.cancel("handed_over")
-            producing.handed_over = True
-        except TokenwireError as exc:
-            terminal = StreamFailed(error=exc.to_dict())
-        except Exception as exc:
-            log.exception("continuing stream %s failed", meta.id)
-            terminal = producer_lost(f"continuing it on another replica failed: {exc}")
+        except (asyncio.CancelledError, Exception) as exc:
+            terminal = self._ended_by(exc, meta.id, producing)
         finally:
             if events is not None:
                 with contextlib.suppress(Exception):

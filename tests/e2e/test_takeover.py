@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -158,19 +159,24 @@ def test_sigterm_hands_streams_over_at_once(
 
 
 @pytest.mark.timeout(300)
-def test_an_anthropic_upstream_stream_is_continued_with_an_assistant_prefill(
-    redis: RedisServer,
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_an_upstream_stream_is_continued_with_an_assistant_prefill(
+    redis: RedisServer, kind: str, tmp_path: Path
 ) -> None:
-    """Gateways in front of an Anthropic Messages upstream (here a tokenwire serving the
-    embedded model, which continues a final assistant turn as Anthropic does): the replica
-    that takes the stream over sends the partial answer as a prefill."""
+    """Gateways in front of an upstream (here a tokenwire serving the embedded model, which
+    continues a final assistant turn on /v1/messages as Anthropic does, and on
+    /v1/chat/completions with vLLM's ``continue_final_message``): the replica that takes the
+    stream over sends the partial answer as a prefill."""
     with tokenwire_server("--threads", "1") as upstream:
-        with Client(upstream.url, protocol="anthropic") as direct:
+        protocol = "anthropic" if kind == "anthropic" else "openai"
+        with Client(upstream.url, protocol=protocol) as direct:
             answer = direct.chat.create(messages=STORY, **GREEDY).text
-        gateway = [
-            *replica_args(redis), "--no-embedded",
-            "--upstream", f"claude=anthropic+{upstream.url}/v1",
-        ]  # fmt: skip
+        config = tmp_path / "gateway.toml"
+        config.write_text(
+            f'[upstreams.up]\nurl = "{upstream.url}/v1"\nkind = "{kind}"\n'
+            + ('prefill = "continue_final_message"\n' if kind == "openai" else "")
+        )
+        gateway = [*replica_args(redis), "--no-embedded", "--config", str(config)]
         with tokenwire_server(*gateway) as survivor:
             with tokenwire_server(*gateway) as doomed:
                 stream_id, last, before = start_on(doomed, cut_after=1500)
@@ -190,4 +196,4 @@ def test_an_anthropic_upstream_stream_is_continued_with_an_assistant_prefill(
     assert streamed.startswith(before) and answer.startswith(streamed)
     assert text.startswith(streamed) and len(text) > len(streamed)
     # max_tokens counts from the takeover upstream: the answer goes on at least as far.
-    print("anthropic upstream takeover:", "identical" if text.startswith(answer) else text)
+    print(f"{kind} upstream takeover:", "identical" if text.startswith(answer) else text)

@@ -49,6 +49,11 @@ class Endpoint:
     max_connections: int = 256
     #: Anthropic requires max_tokens; used when the request gives none.
     max_tokens: int = 4096
+    #: How an OpenAI-compatible upstream continues a partial answer when another replica
+    #: takes a stream over: ``continue_final_message`` (vLLM's extension, also tokenwire's),
+    #: ``assistant`` (a final assistant message is continued as is: llama.cpp's server), or
+    #: ``none`` (the stream ends ``producer_lost``). Anthropic upstreams always can.
+    prefill: str = "none"
     headers: dict[str, str] = field(default_factory=dict)
 
     def api_key(self) -> str | None:

@@ -149,6 +149,8 @@ class ChatCompletionRequest(_Wire):
     tool_choice: str | dict[str, Any] | None = None
     response_format: ResponseFormatWire | None = None
     user: str | None = None
+    #: vLLM's extension: the final assistant message is a prefill the answer continues.
+    continue_final_message: bool = False
 
     @field_validator("logprobs")
     @classmethod
@@ -252,8 +254,14 @@ def parse(body: Any) -> tuple[ChatRequest, ChatCompletionRequest]:
         tool_choice=wire.tool_choice,
         response_format=response_format,
         include_usage=bool(wire.stream_options and wire.stream_options.include_usage),
+        continue_final_message=wire.continue_final_message,
         extra={"user": wire.user} if wire.user else {},
     )
+    if wire.continue_final_message and messages[-1].role != "assistant":
+        raise InvalidRequest(
+            "continue_final_message needs a final assistant message to continue.",
+            param="continue_final_message",
+        )
     coalesce = (wire.stream_options.model_extra or {}) if wire.stream_options else {}
     if "coalesce" in coalesce:  # tokenwire's extension: fewer, larger frames (opt-in)
         request.extra[COALESCE_KEY] = parse_coalesce(coalesce["coalesce"])
