@@ -89,6 +89,14 @@ class ChatRequest:
     #: Opaque per-request options a protocol passes through (``user``, ``metadata`` …).
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def prefill(self) -> str:
+        """The partial answer this request continues ("" unless ``continue_final_message``):
+        stages that track the answer's text start from it."""
+        if self.continue_final_message and self.messages and self.messages[-1].role == "assistant":
+            return self.messages[-1].content
+        return ""
+
     def to_dict(self) -> dict[str, Any]:
         """The request as JSON-able data, for a journal to keep (another replica rebuilds it
         with ``from_dict`` to continue the stream). ``extra`` keeps only what JSON can hold;

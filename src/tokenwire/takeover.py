@@ -13,9 +13,9 @@ how a stream can be continued, from what the journal stores:
 
 A stream is continued only when all of this holds, and otherwise ends ``producer_lost`` as
 before (docs/guarantees.md lists the cases): its request was stored; its backend can
-continue an answer (the embedded model can; upstreams say so per backend, and none does
-yet); it asks for no tools and no structured output (their grammar would have to be
-advanced through the partial output); and no tool call was open when the producer stopped.
+continue an answer (the embedded model can, also under a JSON grammar; Anthropic upstreams
+and OpenAI-compatible ones configured with ``prefill`` can for text); it declares no tools;
+and no tool call was open when the producer stopped.
 The continuation starts with a ``progress`` event (stage ``takeover``); the new producer
 writes no second ``stream.started``, and sequence numbers continue.
 """
@@ -47,12 +47,14 @@ TAKEOVER_STAGE = "takeover"
 
 
 def continuable_request(meta: StreamMeta) -> ChatRequest | None:
-    """The stream's request, if it was stored and asks for nothing a continuation cannot
-    keep (tools, structured output)."""
+    """The stream's request, if it was stored and declares no tools (a partial answer may
+    stop inside a call's arguments). Structured output is the backend's call: the embedded
+    engine replays the partial answer through its grammar, and the structured-output and
+    guard stages start from it (``ChatRequest.prefill``)."""
     if meta.request is None:
         return None
     request = ChatRequest.from_dict(meta.request)
-    if request.tools or request.response_format.type != "text":
+    if request.tools:
         return None
     return request
 

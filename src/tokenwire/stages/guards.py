@@ -105,16 +105,17 @@ class Guards:
         guards = [*self.guards, *(g for g in _REGISTERED if g not in self.guards)]
         if not guards:
             return events
-        return self._watch(events, guards)
+        return self._watch(events, guards, request.prefill)
 
     async def _watch(
-        self, events: AsyncIterator[Event], guards: list[Guard]
+        self, events: AsyncIterator[Event], guards: list[Guard], prefill: str = ""
     ) -> AsyncIterator[Event]:
         patterns = [g for g in guards if g.pattern is not None]
         predicates = [g for g in guards if g.predicate is not None]
-        window = ""  # the last `lookbehind` characters before the current delta
-        window_start = 0  # offset of `window` in the whole text
-        text = ""  # the whole text, only kept for predicates
+        # A continued answer (takeover) starts after its prefill, which already streamed.
+        text = prefill  # the whole text, only kept for predicates
+        window = prefill[-self.lookbehind :] if self.lookbehind else ""  # before the delta
+        window_start = len(prefill) - len(window)  # offset of `window` in the whole text
         try:
             async for event in events:
                 if not isinstance(event, TextDelta):

@@ -357,14 +357,18 @@ def structured_output(
     schema: dict[str, Any] = (
         fmt.schema if fmt.type == "json_schema" and fmt.schema is not None else JSON_OBJECT_SCHEMA
     )
-    return _structured(events, schema)
+    return _structured(events, schema, request.prefill)
 
 
-async def _structured(events: AsyncIterator[Event], schema: dict[str, Any]) -> AsyncIterator[Event]:
+async def _structured(
+    events: AsyncIterator[Event], schema: dict[str, Any], prefill: str
+) -> AsyncIterator[Event]:
     try:
         stream = SchemaStream(compile_schema(schema, param="response_format.json_schema.schema"))
         parser = stream.parser
-        version = -1
+        if prefill:  # a continued answer (takeover): its start already streamed
+            stream.feed(prefill)
+        version = parser.version if parser.has_value else -1
         async for event in events:
             if isinstance(event, TextDelta):
                 stream.feed(event.text)  # raises at the first violation: the delta stays out
