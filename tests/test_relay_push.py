@@ -24,6 +24,7 @@ import pytest
 
 from tests.fault_upstream import RunningFault, fault_upstream
 from tests.scripted import serve_app_in_thread
+from tokenwire.backends._call import Phase
 from tokenwire.backends._upstream import Endpoint, UpstreamCall
 from tokenwire.backends.base import Backend, EventSink, ModelInfo
 from tokenwire.backends.openai import OpenAIBackend
@@ -341,6 +342,32 @@ async def test_an_upstream_call_pushes_while_its_reader_sleeps(upstream: Running
     assert isinstance(reader_got[-1], StreamCompleted)
     assert not any(isinstance(e, TextDelta) for e in reader_got[1:])
     assert any(isinstance(e, Usage) for e in pushed)
+
+
+async def test_the_body_is_read_in_the_network_callback_before_the_first_token(
+    upstream: RunningFault,
+) -> None:
+    # The opening task only sends the request and awaits the headers: the body's reads up
+    # to the first token are decoded in the network callback, which wakes the consumer.
+    # Stop then closes the body there (no task to cancel), and the call ends quietly.
+    backend = backend_for(upstream)
+    await backend.start()
+    cancel = CancelToken()
+    request = ChatRequest(model="silent", messages=[Message(role="user", content="")])
+    call = backend.open(request, cancel, "silent")
+    got: list[Event] = []
+    try:
+        await asyncio.wait_for(asyncio.shield(call.opened), 10)
+        await asyncio.sleep(0.05)
+        assert call._task.done() and not call.content_started
+        cancel.cancel("stop")
+        async with asyncio.timeout(5):
+            async for event in call.events():
+                got.append(event)
+    finally:
+        await call.aclose()
+    assert not any(isinstance(e, TextDelta) for e in got)  # ended quietly, no error
+    assert call.ready.done() and call.phase is Phase.ENDED
 
 
 async def test_a_malformed_chunk_after_pushed_ones_fails_the_reader(

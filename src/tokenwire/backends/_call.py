@@ -10,10 +10,14 @@ It promises:
 - ``opened`` resolves when the upstream answered 2xx; refused connections, 5xx and timeouts
   raise ``BackendUnavailable`` / ``BackendTimeout``, a 4xx the client caused raises
   ``InvalidRequest`` (the gateway fails over on the former, never on the latter);
-- up to the first token a task of the call's own reads, while the consumer waits for its
+- up to the first token the call reads on its own, while the consumer waits for its
   events (nothing reached the client yet, so the gateway can fail over; ``announce_at``
   hands the consumer a progress event if the first token is slow; ``ready`` resolves at
-  the first token, for whoever watches it); from then on the consumer reads in its own
+  the first token, for whoever watches it): an opening task sends the request and awaits
+  the answer's headers, then, on ``UpstreamTransport``, the body's reads are decoded in the
+  network callback itself, which wakes the consumer at once with the first token (no task
+  between the socket and the consumer; the end of the body or an error wakes a callback,
+  not a task); from then on the consumer reads in its own
   task, so a chunk goes from the socket to the journal with no hand-off between tasks;
   given a sink (``push_to``), the events of each read go to it in the network callback
   itself, with no task woken at all;
@@ -22,8 +26,9 @@ It promises:
   upstream), both kept by one timer that is re-armed only when it fires (no per-chunk
   timer cost);
 - Stop (the ``CancelToken``), a timeout or closing the call ends the wait on the upstream at
-  once (cancelling the opening task, or the consumer's read in progress as
-  ``asyncio.timeout`` does: cancel, then ``uncancel``), which closes the upstream HTTP
+  once (cancelling the opening task, closing the body read in the network callback, or
+  cancelling the consumer's read in progress as ``asyncio.timeout`` does: cancel, then
+  ``uncancel``), which closes the upstream HTTP
   connection, so the upstream stops generating; a complete answer's connection is drained
   in the background and goes back to the pool.
 
@@ -90,7 +95,8 @@ class Upstream(Protocol):
 class Phase(enum.Enum):
     """Where an ``UpstreamCall`` is; each phase says who reads the body."""
 
-    #: The opening task sends the request and reads up to the first content event.
+    #: The request is sent and the body read up to the first content event (by the
+    #: opening task, or on UpstreamTransport in the network callback).
     OPENING = "opening"
     #: Content started: the consumer reads the body (or is pushed its events).
     RELAYING = "relaying"
@@ -210,6 +216,12 @@ class UpstreamCall:
             if not self.opened.done():
                 self.opened.set_result(None)
             reader = _Body(response)
+            if reader.direct is not None:
+                # From here the network callback reads (``_opening_push``): no task wakes
+                # to decide the first token.
+                self._body, response = reader, None
+                self._opening_read()
+                return
             while self._error is None:
                 raw = await reader.read()
                 events = self._decode(self._sse.feed_raw(raw)) if raw else self._end()
@@ -236,11 +248,73 @@ class UpstreamCall:
         finally:
             if response is not None:
                 await response.aclose()
+            if self._body is None or self.phase is not Phase.OPENING:
+                self._opening_over()
+
+    # -- the opening phase, pushed: UpstreamTransport's body read in the network callback --
+
+    def _opening_read(self) -> None:
+        """Take what the body holds, then read on in the network callback: ``_opening_push``
+        for bytes, a done-callback on the body's waiter for its end or an error."""
+        reader = self._body
+        if self.phase is not Phase.OPENING or reader is None or reader.direct is None:
+            return
+        body = reader.direct
+        try:
+            raw = body.take()
+        except Exception as exc:
+            self._error = self._error or translate(exc, self.backend.name)
+            raw = b""
+        if raw is None:
+            body.push_to(self._opening_push)
+            body.waiter().add_done_callback(self._opening_woken)
+            return
+        body.push_to(None)
+        if self._opening_took(raw):
+            self._opening_read()
+
+    def _opening_push(self, raw: bytes) -> bool:
+        """A read while opening, in the network callback. True: the body's waiter (and its
+        callback) need not wake; the end of the body or an error wakes it anyway."""
+        if self.phase is not Phase.OPENING:
+            return False
+        self._opening_took(raw)
+        return True
+
+    def _opening_woken(self, _: asyncio.Future[None]) -> None:
+        # The body ended or failed (or bytes came while nobody pushed): read what is there.
+        self._opening_read()
+
+    def _opening_took(self, raw: bytes) -> bool:
+        """Decode one read while opening and hand its events to the consumer. True: still
+        opening (read on); False: relaying, complete or ended."""
+        events = self._decode(self._sse.feed_raw(raw)) if raw else self._end()
+        if events:
+            self._buffer.extend(events)
+            self._wake()
+        reader = self._body
+        assert reader is not None
+        if not raw or self._error is not None:
+            self._body = None
+            reader.leave()
             self._opening_over()
+            return False
+        if self._decoder.done:
+            self.phase = Phase.COMPLETE  # aclose drains the body in the background
+            self._opening_over()
+            return False
+        if self.content_started:
+            assert reader.direct is not None
+            reader.direct.push_to(None)  # the consumer reads on (or pushes to its sink)
+            self.phase = Phase.RELAYING
+            self._opening_over()
+            return False
+        return True
 
     def _opening_over(self) -> None:
         if self.phase is not Phase.RELAYING:
-            self.phase = Phase.ENDED
+            if self.phase is Phase.OPENING:
+                self.phase = Phase.ENDED
             self._timer.cancel()
         for future in (self.opened, self.ready):
             if future.done():
@@ -327,7 +401,13 @@ class UpstreamCall:
         elif self._error is None:
             self._error = error
         if self.phase is Phase.OPENING:
-            self._task.cancel()
+            if not self._task.done():
+                self._task.cancel()
+            else:  # read in the network callback: close the body here
+                reader, self._body = self._body, None
+                if reader is not None:
+                    reader.leave()
+                self._opening_over()
         elif self._reader is not None and not self._interrupting:
             self._interrupting = True
             self._reader.cancel()
@@ -484,6 +564,8 @@ class UpstreamCall:
                 _background(self._loop.create_task(reader.close(drain=True)))
             else:
                 await reader.close(drain=False)
+        if not self.ready.done():  # read in the network callback: no task resolves them
+            self._opening_over()
 
 
 class _Body:
