@@ -41,14 +41,14 @@ import asyncio
 import contextlib
 import enum
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 import httpx
 import orjson
 
+from tokenwire.backends._body import ResponseBody, background
 from tokenwire.backends._http_errors import status_error, translate
-from tokenwire.backends._transport import direct_body
 from tokenwire.backends.base import EventSink
 from tokenwire.cancel import CancelToken
 from tokenwire.codecs import RawEvent, SSEDecoder, WireDecoder
@@ -129,7 +129,7 @@ class UpstreamCall:
         self._decoder: WireDecoder = backend.decoder()
         self._buffer: deque[Event] = deque()
         #: The body, handed by the opening task to the consumer when relaying starts.
-        self._body: _Body | None = None
+        self._body: ResponseBody | None = None
         #: The attempt's failure (raised to the consumer after the events before it).
         self._error: BaseException | None = None
         self._stopped = False
@@ -215,7 +215,7 @@ class UpstreamCall:
             response = await self._respond(url, body)
             if not self.opened.done():
                 self.opened.set_result(None)
-            reader = _Body(response)
+            reader = ResponseBody(response)
             if reader.direct is not None:
                 # From here the network callback reads (``_opening_push``): no task wakes
                 # to decide the first token.
@@ -550,7 +550,7 @@ class UpstreamCall:
         if not self._task.done():
             if phase is Phase.COMPLETE:
                 # The answer is complete; let the opening task drain the body.
-                _background(self._task)
+                background(self._task)
             else:
                 self._task.cancel()
                 # Bounded: closing a socket does not block, but never hang a producer on it.
@@ -561,71 +561,8 @@ class UpstreamCall:
             if phase is Phase.COMPLETE:
                 # A complete answer: read the end of its body in the background, so the
                 # connection goes back to the pool.
-                _background(self._loop.create_task(reader.close(drain=True)))
+                background(self._loop.create_task(reader.close(drain=True)))
             else:
                 await reader.close(drain=False)
         if not self.ready.done():  # read in the network callback: no task resolves them
             self._opening_over()
-
-
-class _Body:
-    """A response body as the call reads it: ``UpstreamTransport``'s directly when it is
-    one (``direct``: no generator layers per read), else by iterating."""
-
-    __slots__ = ("_chunks", "direct", "response")
-
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self.direct = direct_body(response)
-        self._chunks = response.aiter_raw() if self.direct is None else None
-
-    def push_to(self, handler: Callable[[bytes], bool] | None) -> None:
-        """``UpstreamTransport``'s push (``_Body.push_to``); other bodies are only read."""
-        if self.direct is not None:
-            self.direct.push_to(handler)
-
-    def leave(self) -> None:
-        """A reader cancelled mid-wait closes the body, as iterating does: the upstream sees
-        the client leave (iterating closes itself)."""
-        if self.direct is not None:
-            self.direct.close()
-
-    async def read(self) -> bytes:
-        """The bytes received since the last read (``b""``: the end of the body)."""
-        body = self.direct
-        if body is None:
-            assert self._chunks is not None
-            return await anext(self._chunks, b"")
-        while (raw := body.take()) is None:
-            try:
-                await body.waiter()
-            except BaseException:
-                body.close()  # as iterating does: the upstream sees us leave
-                raise
-        return raw
-
-    async def close(self, *, drain: bool) -> None:
-        try:
-            if drain:
-                with contextlib.suppress(httpx.HTTPError, TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        while await self.read():
-                            pass
-            elif self.direct is not None:
-                # Closing the body mid-answer closes the connection: the upstream stops.
-                self.direct.close()
-            elif self._chunks is not None:
-                with contextlib.suppress(Exception):
-                    await self._chunks.aclose()  # type: ignore[attr-defined]
-        finally:
-            with contextlib.suppress(Exception):
-                await self.response.aclose()
-
-
-#: Tasks finishing a complete answer's body (strong refs: the loop keeps weak ones).
-_DRAINING: set[asyncio.Task[Any]] = set()
-
-
-def _background(task: asyncio.Task[Any]) -> None:
-    _DRAINING.add(task)
-    task.add_done_callback(_DRAINING.discard)
