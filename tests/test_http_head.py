@@ -90,5 +90,8 @@ def test_an_event_stream_head_goes_with_its_first_bytes(server: str) -> None:
     assert first.startswith(b"HTTP/1.1 200") and b"text/event-stream" in first
     _, _, rest = first.partition(b"\r\n\r\n")
     assert rest, WRITES[:3]
+    # The first frame was ready with the head (the backend's first event started the stream):
+    # it goes in the same write (``DirectWrite.hold``), after the opening comment.
+    assert rest.index(b": stream open") < rest.index(b"data: "), WRITES[:3]
     # Nothing was lost or reordered: the writes are exactly what the client read.
     assert b"".join(WRITES) == received

@@ -17,7 +17,10 @@ opening comment and a non-streamed body's only chunk then cost one write instead
 It also offers each request a direct body write (``transports.sse.DIRECT_WRITE_KEY`` in the
 scope): an event stream's live frame is written from the task that produced it, a loop step
 sooner than through ``send`` (see transports/sse.py). It writes what uvicorn's ``send`` would
-for a chunked body, and only when ``send`` would write at once.
+for a chunked body, and only when ``send`` would write at once. An event stream holds its
+writes from its headers to its first frame (``DirectWrite.hold``), so that headers, the
+opening comment and a first frame that is ready with them go out in one write; the hold
+ends at the loop's next step at the latest, so headers never wait for a slow first token.
 
 It relies on uvicorn internals (``HttpToolsProtocol.pipeline``, ``cycle.message_event``,
 ``FlowControl._is_writable_event``, and the cycle's response state read by ``DirectWrite``),
@@ -140,16 +143,67 @@ class _Cycle(RequestResponseCycle):
         return held
 
 
+class _Corked:
+    """A cycle's transport while its writes are held (``DirectWrite.hold``): writes are
+    collected, to go out as one; everything else is the transport's own."""
+
+    __slots__ = ("parts", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    def flush(self) -> None:
+        if self.parts:
+            data = b"".join(self.parts)
+            self.parts = []
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class DirectWrite:
     """A request cycle's body, written without ``send``'s coroutine (``transports.sse``).
 
     Holds its cycle weakly: the scope holds this, and the cycle holds the scope.
     """
 
-    __slots__ = ("_cycle",)
+    __slots__ = ("_cycle", "_loop")
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
+    def __init__(self, cycle: RequestResponseCycle, loop: asyncio.AbstractEventLoop) -> None:
         self._cycle = weakref.ref(cycle)
+        self._loop = loop
+
+    def hold(self) -> None:
+        """Hold the response's writes (its headers, then body chunks) until ``release``,
+        or the loop's next step at the latest: what is ready together (headers, the opening
+        comment, the first frame) goes out in one write, and nothing waits longer."""
+        cycle = self._cycle()
+        if cycle is None:
+            return
+        transport: Any = cycle.transport
+        if type(transport) is _Corked:
+            return
+        cycle.transport = _Corked(transport)  # type: ignore[assignment]
+        self._loop.call_soon(self.release)
+
+    def release(self) -> None:
+        """Write what was held, in one piece; from now on writes go out at once."""
+        cycle = self._cycle()
+        if cycle is None:
+            return
+        held: Any = cycle.transport
+        if type(held) is _Corked:
+            cycle.transport = held.transport
+            held.flush()
 
     def ready(self) -> bool:
         cycle = self._cycle()
@@ -188,4 +242,4 @@ class HttpProtocol(HttpToolsProtocol):
             self.cycle.__class__ = _Cycle
             # Nothing waits on its event yet.
             self.cycle.message_event = LeanEvent()  # type: ignore[assignment]
-            self.scope[DIRECT_WRITE_KEY] = DirectWrite(self.cycle)  # type: ignore[literal-required]
+            self.scope[DIRECT_WRITE_KEY] = DirectWrite(self.cycle, self.loop)  # type: ignore[literal-required]

@@ -20,6 +20,11 @@ an idle stream is kept lean:
 - ``StreamHandoff`` (the app's outermost middleware) runs the stream after the routing,
   middleware and handler frames have returned, instead of under them for its whole life.
 
+Headers go out when the stream starts and heartbeats count from then: when the server offers
+a direct write, the headers, the opening comment and the first frame are held until the
+first frame is sent or the loop's next step, whichever comes first, so a first frame that is
+ready with the headers goes in the same write, and a slow one delays nothing.
+
 A live frame need not wait for the stream's task to wake: ``send_now`` writes it from the
 task that produced it (the journal's direct delivery) when the server offers a direct write
 (``DIRECT_WRITE_KEY``, server/http.py) and nothing else is being sent. That saves a loop
@@ -89,6 +94,13 @@ class DirectWrite(Protocol):
 
     def write(self, body: bytes) -> None:
         """Write one body chunk (only after ``ready()``)."""
+
+    def hold(self) -> None:
+        """Hold the response's writes until ``release()``, or the loop's next step at the
+        latest (so that what is ready together goes out in one write)."""
+
+    def release(self) -> None:
+        """Write what was held; from now on writes go out at once."""
 
 
 def encode(
@@ -278,11 +290,16 @@ class EventSourceResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         raw_headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+        slot = scope.get(HANDOFF_KEY)
+        writer = scope.get(DIRECT_WRITE_KEY)
+        if writer is not None and slot is not None and not slot:
+            # Headers, the opening comment and a first frame that is ready with them go
+            # out in one write; at the loop's next step at the latest (``DirectWrite.hold``).
+            writer.hold()
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": raw_headers}
         )
         self.headers.clear()  # sent: an open stream holds no copy
-        slot = scope.get(HANDOFF_KEY)
         if slot is not None and not slot:
             slot.append(self)  # StreamHandoff runs the body once the app has returned
             return
@@ -303,6 +320,7 @@ class EventSourceResponse:
             await self._send_body(send, _OPEN)
             heartbeat_scheduler(loop).file(self, self._next_check(loop.time()))
             time = loop.time
+            held = writer  # headers and the opening comment wait for the first frame
             async for chunk in frames:
                 # ``_send_body`` inlined: no coroutine of its own per frame.
                 if self._pinging is not None:
@@ -312,6 +330,9 @@ class EventSourceResponse:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 finally:
                     self._send_started = None
+                if held is not None:
+                    held.release()  # all three in one write
+                    held = None
                 self._last_send = time()
                 del chunk  # an idle stream holds no frame while it waits
         except asyncio.CancelledError:
@@ -323,6 +344,8 @@ class EventSourceResponse:
         finally:
             # Before any await: from here on nothing may cancel this task on our behalf.
             self._closed = True
+            if writer is not None:
+                writer.release()
             # The scheduler may hold this object until the stream's bucket fires: keep
             # nothing of the connection alive through it.
             self._send = self._task = self._watcher = self._writer = None
