@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenwire.backends.base import Backend, PushSource
+from tokenwire.backends.base import Backend, is_push_source
 from tokenwire.cancel import CancelToken
 from tokenwire.errors import RequestError, StreamHandedOver, StreamTooLarge, TokenwireError
 from tokenwire.events import Event, StreamCancelled, StreamFailed, StreamStarted, aclose
@@ -136,6 +136,15 @@ class _Producing:
     #: The request being answered, where another replica could continue it (shared
     #: journals): SIGTERM hands such streams over instead of draining them.
     request: ChatRequest | None = None
+    #: What ``start`` awaits (one loop step, where ``shield(accepted)`` took two).
+    gate: asyncio.Future[None] | None = None
+
+
+def _settle(p: _Producing, accepted: asyncio.Future[None], exc: BaseException | None) -> None:
+    """Answer ``start``: ``accepted`` is the producer's record, ``gate`` the caller's."""
+    for future in (accepted, p.gate):
+        if future is not None and not future.done():
+            future.set_result(None) if exc is None else future.set_exception(exc)
 
 
 class StreamManager:
@@ -242,14 +251,15 @@ class StreamManager:
             continuable = continuable_request(meta)
             if continuable is not None and backend.continuation(continuable, "") is not None:
                 producing.request = continuable  # SIGTERM hands it over (hand_over_all)
-        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        accepted, producing.gate = loop.create_future(), loop.create_future()
         self._producing[meta.id] = producing
         producing.task = asyncio.create_task(
             self._produce(meta, request, backend, producing, accepted),
             name=f"tokenwire-produce-{meta.id}",
         )
         try:
-            await asyncio.shield(accepted)
+            await producing.gate
         except asyncio.CancelledError:
             # The caller went away while we waited for acceptance: nobody will read.
             self._cancel_local(meta.id, "disconnect")
@@ -271,7 +281,7 @@ class StreamManager:
         events = source = backend.stream(request, cancel)
         for stage in self.stages:
             events = stage(events, request, cancel)
-            if events is not source and isinstance(source, PushSource):
+            if events is not source and is_push_source(source):
                 log.debug("stage %r wraps a push source: no fast path for this stream", stage)
                 source = events
         return events
@@ -290,7 +300,7 @@ class StreamManager:
         try:
             events = self._events(request, backend, cancel)
         except Exception as exc:  # a backend or stage that fails before it iterates
-            accepted.set_exception(exc)
+            _settle(producing, accepted, exc)
             await self._finish(meta.id, producing, accepted, None)
             return
         terminal: Event | None = None
@@ -300,18 +310,17 @@ class StreamManager:
             except StopAsyncIteration:
                 first = None
             except RequestError as exc:
-                accepted.set_exception(exc)
+                _settle(producing, accepted, exc)
                 return
             except BaseException as exc:
-                if not accepted.done():
-                    accepted.set_exception(exc)
+                _settle(producing, accepted, exc)
                 raise
             await self.control.produce(meta.id)
             await self.journal.create(meta)
             await self.journal.append(
                 meta.id, StreamStarted(id=meta.id, model=meta.model, created=meta.created)
             )
-            accepted.set_result(None)
+            _settle(producing, accepted, None)
             terminal = await self._pump(meta.id, first, events, cancel)
         except (asyncio.CancelledError, Exception) as exc:
             terminal = self._ended_by(exc, meta.id, producing)
@@ -377,7 +386,7 @@ class StreamManager:
             self.max_stream_bytes,
             self.observer.event_appended if self.observer is not None else None,
         )
-        if isinstance(events, PushSource):  # not when a stage wraps it (see ``_events``)
+        if is_push_source(events):  # not when a stage wraps it (see ``_events``)
             if self.journal.appends_nowait:
                 events.push_to(appender.take)
             else:

@@ -103,6 +103,18 @@ class DirectWrite(Protocol):
         """Write what was held; from now on writes go out at once."""
 
 
+#: ``isinstance(…, DirectWrite)`` per type (a runtime-checkable Protocol's check walks its
+#: attributes every time on Python 3.11: ~15 µs per request).
+_DIRECT_WRITES: dict[type, bool] = {}
+
+
+def _is_direct_write(writer: object) -> bool:
+    known = _DIRECT_WRITES.get(type(writer))
+    if known is None:
+        known = _DIRECT_WRITES[type(writer)] = isinstance(writer, DirectWrite)
+    return known
+
+
 def encode(
     payload: Mapping[str, Any] | str | bytes,
     *,
@@ -237,7 +249,7 @@ class StreamHandoff:
             del scope[HANDOFF_KEY]
             # The server's own send: its direct write is the same channel.
             writer = scope.get(DIRECT_WRITE_KEY)
-            await stream.stream(receive, send, writer if isinstance(writer, DirectWrite) else None)
+            await stream.stream(receive, send, writer if _is_direct_write(writer) else None)
 
 
 class EventSourceResponse:
