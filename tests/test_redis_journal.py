@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -88,6 +89,33 @@ async def test_numbering_and_replay_on_another_replica(
     # Resume from every point: exactly the events after it.
     for after in (-1, 0, 5, 20):
         assert [e.seq for e in await collect(b, meta.id, after)] == list(range(after + 1, 22))
+
+
+async def test_a_produced_stream_keeps_its_metadata_and_events_compactly(
+    pair: tuple[RedisJournal, RedisJournal],
+) -> None:
+    """What a producer keeps per stream (its metadata, its events until the terminal one is
+    stored) is held in bytes of their own size: orjson's results keep a ~4 KB buffer each."""
+    a, _ = pair
+    metas = [new_meta() for _ in range(50)]
+    for meta in metas:
+        await a.control.produce(meta.id)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for meta in metas:
+            await a.create(meta)
+            await a.append(meta.id, TextDelta(text="x"))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    ours = [tracemalloc.Filter(True, "*/tokenwire/journal/redis/*")]
+    kept = sum(
+        stat.size_diff
+        for stat in after.filter_traces(ours).compare_to(before.filter_traces(ours), "filename")
+    )
+    per_stream = kept / len(metas)
+    assert per_stream < 4000, per_stream  # was ~9 KB: two orjson buffers per stream
 
 
 async def test_resume_after_the_terminal_event_returns_at_once(

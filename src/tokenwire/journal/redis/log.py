@@ -38,6 +38,7 @@ from tokenwire.journal.redis.client import (
     RedisClient,
     decode,
     encode,
+    encode_json,
     guarded,
     translated,
 )
@@ -220,14 +221,14 @@ class RedisJournal(Journal):
     async def create(self, meta: StreamMeta) -> None:
         """Store the stream's metadata; ``control.produce(meta.id)`` comes first."""
         await self.start()
-        encoded = orjson.dumps(meta.to_dict())
+        encoded = encode_json(meta.to_dict())
         with translated("creating a stream"):
             await self._redis.hset(self.client.keys(meta.id).meta, "meta", encoded)
         self._producing[meta.id] = _Producing(encoded)
 
     def resume_producing(self, stream_id: str, next_seq: int, meta: StreamMeta) -> None:
         """Append to ``stream_id`` from ``next_seq`` on (after ``control.claim``)."""
-        self._producing[stream_id] = _Producing(orjson.dumps(meta.to_dict()), next_seq)
+        self._producing[stream_id] = _Producing(encode_json(meta.to_dict()), next_seq)
 
     async def append(self, stream_id: str, event: Event) -> int:
         state = self._producing.get(stream_id)
