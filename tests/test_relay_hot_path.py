@@ -124,7 +124,8 @@ def test_event_size_shortcut_counts_the_json_bytes() -> None:
 
 async def test_gateway_hands_the_reader_the_calls_events_after_the_first_token() -> None:
     """``Gateway.stream``'s iterator: the attempts until content, then the call's own events
-    directly; closing it closes the call's events, then the attempts (their ``finally``)."""
+    directly. The attempts end at the first token (no generator of theirs stays suspended
+    for the stream's life); closing the relay closes the call's events, then the call."""
     from tokenwire.gateway import _Relayed
 
     closed: list[str] = []
@@ -136,22 +137,27 @@ async def test_gateway_hands_the_reader_the_calls_events_after_the_first_token()
         finally:
             closed.append("events")
 
+    class Call:
+        async def aclose(self) -> None:
+            closed.append("call")
+
     async def attempts(relay: _Relayed) -> AsyncIterator[Event]:
         try:
+            yield Progress(stage="connecting")
             events = call_events()
             async for event in events:
-                relay.events = events  # content started
-                yield event
-            closed.append("attempts ran on")  # never: the reader took the call's events
+                relay.call, relay.events, relay.first = Call(), events, event  # type: ignore[assignment]
+                return  # content started: handed over
         finally:
             closed.append("attempts")
 
     relay = _Relayed()
     relay.attempts = attempts(relay)
-    got = [await anext(relay), await anext(relay)]
-    assert [e.text for e in got] == ["a", "b"]  # type: ignore[attr-defined]
-    assert relay.events is not None
+    got = [await anext(relay), await anext(relay), await anext(relay)]
+    assert isinstance(got[0], Progress)
+    assert [e.text for e in got[1:]] == ["a", "b"]  # type: ignore[attr-defined]
+    assert closed == ["attempts"]  # the attempts ended at the first token
     await relay.aclose()
-    assert closed == ["events", "attempts"]
+    assert closed == ["attempts", "events", "call"]
     with pytest.raises(StopAsyncIteration):
         await anext(relay)

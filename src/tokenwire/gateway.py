@@ -327,12 +327,16 @@ class Gateway(Backend):
                 call = relay.call = upstream.backend.open(request, cancel, model)
                 if relay.sink is not None:
                     call.push_to(relay.sink)  # it pushes once relaying, past failover
+                handed = False
                 try:
                     async with contextlib.aclosing(
                         self._relay_call(call, upstream, accept_by, relay)
                     ) as events:
                         async for event in events:
                             yield event
+                    # Content started: the relay owns the call now, and this generator
+                    # ends instead of staying suspended for the stream's life.
+                    handed = relay.events is not None
                     return
                 except BackendError as exc:
                     if call.content_started:
@@ -345,7 +349,9 @@ class Gateway(Backend):
                         exc.message,
                     )
                 finally:
-                    await call.aclose()
+                    if not handed:
+                        relay.call = None
+                        await call.aclose()
                 accept_by = None  # announced: later attempts start no new wait
         if not cancel.is_cancelled():
             raise _failed(failures)
@@ -365,9 +371,11 @@ class Gateway(Backend):
         events = call.events()
         async for event in events:
             if call.content_started:
-                # No failover from here on: the reader takes the call's own events (this
-                # generator waits at this yield until closed).
+                # No failover from here on: the relay hands the reader this event, then
+                # the call's own events; the attempts end (nothing of theirs is kept).
+                relay.first = event
                 relay.events = events
+                return
             yield event
 
 
@@ -390,14 +398,18 @@ def global_aliases(settings: Settings) -> dict[str, str]:
 class _Relayed(AsyncIterator[Event]):
     """``Gateway.stream``'s events: the failover attempts until the first token, then the
     upstream call's own events, taken directly: no generator of the gateway's resumed per
-    chunk. Closing it closes both (the attempts' ``finally`` closes the upstream call).
-    A sink given to ``push_to`` goes to each upstream call (``backends.base.PushSource``)."""
+    chunk, none kept suspended for the stream's life. The attempts end at the first token,
+    handing over the call (``call``), its events (``events``) and that token (``first``);
+    closing the relay closes the call's events and the call, or the attempts before that
+    (their ``finally`` closes the call). A sink given to ``push_to`` goes to each upstream
+    call (``backends.base.PushSource``)."""
 
-    __slots__ = ("attempts", "call", "events", "sink")
+    __slots__ = ("attempts", "call", "events", "first", "sink")
 
     def __init__(self) -> None:
         self.attempts: AsyncIterator[Event] | None = None
         self.events: AsyncIterator[Event] | None = None
+        self.first: Event | None = None
         self.call: UpstreamCall | None = None
         self.sink: EventSink | None = None
 
@@ -408,22 +420,36 @@ class _Relayed(AsyncIterator[Event]):
             self.call.push_to(sink)
 
     def __anext__(self) -> Awaitable[Event]:
-        events = self.events
-        if events is not None:
-            return events.__anext__()
+        if self.first is None and self.events is not None:
+            return self.events.__anext__()
         if self.attempts is None:
             return _closed()  # as an async generator after aclose()
-        return self.attempts.__anext__()
+        return self._attempt()
+
+    async def _attempt(self) -> Event:
+        assert self.attempts is not None
+        try:
+            return await self.attempts.__anext__()
+        except StopAsyncIteration:
+            first, self.first = self.first, None
+            if first is None:
+                raise
+            self.attempts = None  # ended: the call is the relay's
+            return first
 
     async def aclose(self) -> None:
         events, self.events = self.events, None
         attempts, self.attempts = self.attempts, None
+        call, self.call = self.call, None
+        self.first = None
         try:
             if events is not None:
                 await events.aclose()  # type: ignore[attr-defined]
         finally:
             if attempts is not None:
                 await attempts.aclose()  # type: ignore[attr-defined]
+            elif call is not None:
+                await call.aclose()
 
 
 async def _closed() -> Event:
