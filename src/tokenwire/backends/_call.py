@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
@@ -127,7 +126,9 @@ class UpstreamCall:
         self.ttft_ms: float | None = None
         self._sse = SSEDecoder()
         self._decoder: WireDecoder = backend.decoder()
-        self._buffer: deque[Event] = deque()
+        # A list, not a deque: it holds one read's events at most (those the consumer has
+        # not taken yet), and a deque preallocates 64 slots (~760 B for each stream's life).
+        self._buffer: list[Event] = []
         #: The body, handed by the opening task to the consumer when relaying starts.
         self._body: ResponseBody | None = None
         #: The attempt's failure (raised to the consumer after the events before it).
@@ -458,7 +459,7 @@ class UpstreamCall:
                 if buffer:
                     reader.push_to(None)  # what pushing left: the events the sink refused
                     while buffer:
-                        yield buffer.popleft()
+                        yield buffer.pop(0)
                     continue
                 raw: bytes | None
                 if body is None:
@@ -496,7 +497,7 @@ class UpstreamCall:
         buffer = self._buffer
         while True:
             while buffer:
-                event = buffer.popleft()
+                event = buffer.pop(0)
                 yield event
                 if event.terminal:
                     return
