@@ -359,7 +359,7 @@ async def test_the_body_is_read_in_the_network_callback_before_the_first_token(
     try:
         await asyncio.wait_for(asyncio.shield(call.opened), 10)
         await asyncio.sleep(0.05)
-        assert call._task.done() and not call.content_started
+        assert call._task is None and not call.content_started  # ended, and dropped
         cancel.cancel("stop")
         async with asyncio.timeout(5):
             async for event in call.events():

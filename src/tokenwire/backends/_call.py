@@ -140,7 +140,11 @@ class UpstreamCall:
         self._waiter: asyncio.Future[None] | None = None
         self._sink: EventSink | None = None
         self._started = self._read_at = loop.time()
-        self._task = loop.create_task(self._open(url, body), name=f"upstream-{backend.name}")
+        #: The opening task until it ends (then dropped: a finished task and its coroutine
+        #: are ~600 B for each stream's life).
+        self._task: asyncio.Task[None] | None = loop.create_task(
+            self._open(url, body), name=f"upstream-{backend.name}"
+        )
         # Stop is watched by a callback, not a task of its own.
         self._watch = cancel.future()
         self._watch.add_done_callback(self._cancelled)
@@ -251,6 +255,7 @@ class UpstreamCall:
                 await response.aclose()
             if self._body is None or self.phase is not Phase.OPENING:
                 self._opening_over()
+            self._task = None
 
     # -- the opening phase, pushed: UpstreamTransport's body read in the network callback --
 
@@ -402,8 +407,9 @@ class UpstreamCall:
         elif self._error is None:
             self._error = error
         if self.phase is Phase.OPENING:
-            if not self._task.done():
-                self._task.cancel()
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
             else:  # read in the network callback: close the body here
                 reader, self._body = self._body, None
                 if reader is not None:
@@ -548,15 +554,16 @@ class UpstreamCall:
         self._watch.cancel()
         if self._announce is not None:
             self._announce.cancel()
-        if not self._task.done():
+        task = self._task
+        if task is not None and not task.done():
             if phase is Phase.COMPLETE:
                 # The answer is complete; let the opening task drain the body.
-                background(self._task)
+                background(task)
             else:
-                self._task.cancel()
+                task.cancel()
                 # Bounded: closing a socket does not block, but never hang a producer on it.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({self._task}, timeout=2.0)
+                    await asyncio.wait({task}, timeout=2.0)
         reader, self._body = self._body, None
         if reader is not None:
             if phase is Phase.COMPLETE:
